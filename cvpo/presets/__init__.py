@@ -1,0 +1,1 @@
+"""Per-task-family preset files (TOML), applied between defaults and user overrides."""
