@@ -19,8 +19,13 @@ import numpy as np
 
 from cvpo import envs
 
-TASKS = ("SafetyPointGoal1-v0", "SafetyCarGoal1-v0", "SafetyPointCircle1-v0", "SafetyPointButton1-v0",
-         "SafetyHalfCheetahVelocity-v1")
+TASKS = (
+    "SafetyPointGoal1-v0",
+    "SafetyCarGoal1-v0",
+    "SafetyPointCircle1-v0",
+    "SafetyPointButton1-v0",
+    "SafetyHalfCheetahVelocity-v1",
+)
 
 
 def measure(task_id: str, fast: bool, resets: int, episodes: int, seed: int = 0) -> dict[str, float]:
@@ -55,8 +60,13 @@ def measure(task_id: str, fast: bool, resets: int, episodes: int, seed: int = 0)
                 if terminated or truncated:
                     break
         with_reset_sps = total / (time.perf_counter() - t0)
-    return {"first_reset_s": first_reset, "reset_s": reset_s, "steps_per_s_without_resets": no_reset_sps,
-            "steps_per_s_with_resets": with_reset_sps, "episode_steps": total / episodes}
+    return {
+        "first_reset_s": first_reset,
+        "reset_s": reset_s,
+        "steps_per_s_without_resets": no_reset_sps,
+        "steps_per_s_with_resets": with_reset_sps,
+        "episode_steps": total / episodes,
+    }
 
 
 def main() -> None:
@@ -82,15 +92,24 @@ def main() -> None:
         }
         rows.append(row)
         s, o = stock, ours
-        print(f"{task_id:<30} reset {s['reset_s'] * 1e3:8.1f} ms -> {o['reset_s'] * 1e3:6.1f} ms "
-              f"(x{row['reset_speedup']:.0f}); steps/s incl. resets {s['steps_per_s_with_resets']:7.0f} -> "
-              f"{o['steps_per_s_with_resets']:7.0f} (x{row['with_resets_speedup']:.2f}); "
-              f"without resets {s['steps_per_s_without_resets']:.0f} / {o['steps_per_s_without_resets']:.0f}",
-              flush=True)
-    result = {"benchmark": "env_speed", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"python": platform.python_version(),
-                          "processor": platform.processor() or platform.machine()},
-              "episodes": args.episodes, "resets": args.resets, "rows": rows}
+        print(
+            f"{task_id:<30} reset {s['reset_s'] * 1e3:8.1f} ms -> {o['reset_s'] * 1e3:6.1f} ms "
+            f"(x{row['reset_speedup']:.0f}); steps/s incl. resets {s['steps_per_s_with_resets']:7.0f} -> "
+            f"{o['steps_per_s_with_resets']:7.0f} (x{row['with_resets_speedup']:.2f}); "
+            f"without resets {s['steps_per_s_without_resets']:.0f} / {o['steps_per_s_without_resets']:.0f}",
+            flush=True,
+        )
+    result = {
+        "benchmark": "env_speed",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "episodes": args.episodes,
+        "resets": args.resets,
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from cvpo.envs.catalogue import TaskInfo, UnknownTaskError, get_task, list_tasks
 
@@ -24,8 +25,16 @@ def _fmt_bound(values: tuple[float, ...]) -> str:
 def _envs_table(tasks: Sequence[TaskInfo]) -> str:
     header = ("id", "family", "obs", "act", "act low", "act high", "episode", "cost limit")
     rows = [
-        (t.id, t.family, str(t.obs_dim), str(t.act_dim), _fmt_bound(t.act_low), _fmt_bound(t.act_high),
-         str(t.max_episode_steps), f"{t.cost_limit:g}")
+        (
+            t.id,
+            t.family,
+            str(t.obs_dim),
+            str(t.act_dim),
+            _fmt_bound(t.act_low),
+            _fmt_bound(t.act_high),
+            str(t.max_episode_steps),
+            f"{t.cost_limit:g}",
+        )
         for t in tasks
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -56,8 +65,12 @@ def _check_task(task: TaskInfo, steps: int = 5) -> dict[str, object]:
             if len(out) != 6:
                 problems.append("step did not return six values")
                 break
-    return {"id": task.id, "ok": not problems, "problems": problems,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        "id": task.id,
+        "ok": not problems,
+        "problems": problems,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
@@ -88,18 +101,171 @@ def cmd_envs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_overrides(args: argparse.Namespace) -> dict[str, object]:
+    from cvpo.config import parse_assignment
+
+    overrides: dict[str, object] = {}
+    if args.config:
+        import tomllib
+
+        try:
+            overrides = tomllib.loads(Path(args.config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise CliError(f"cannot read config file {args.config}: {exc}") from exc
+    for key, value in (
+        ("env_id", args.env),
+        ("total_env_steps", args.total_env_steps),
+        ("seed", args.seed),
+        ("device", args.device),
+    ):
+        if value is not None:
+            overrides[key] = value
+    if args.cost_limit:
+        overrides.setdefault("constraints", {})["cost_limits"] = args.cost_limit  # type: ignore[index]
+    for text in args.set or []:
+        extra = parse_assignment(text)
+        for section, values in extra.items():
+            if isinstance(values, dict) and isinstance(overrides.get(section), dict):
+                overrides[section].update(values)  # type: ignore[union-attr]
+            else:
+                overrides[section] = values
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import signal
+
+    from cvpo.checkpoint import list_checkpoints
+    from cvpo.config import resolve_config
+    from cvpo.trainer import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not list_checkpoints(run_dir):
+            raise CliError(f"{run_dir}: no checkpoint to resume from")
+        trainer = Trainer.resume(run_dir, quiet=args.quiet)
+    else:
+        if not args.env or not args.out:
+            raise CliError("give --env and --out (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        if list_checkpoints(run_dir):
+            raise CliError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out"
+            )
+        config = resolve_config(_train_overrides(args), preset=args.preset)
+        trainer = Trainer(config, run_dir, quiet=args.quiet)
+
+    def on_sigint(signum: int, frame: object) -> None:
+        print(
+            "\nstopping after this episode and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr
+        )
+        trainer.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, lambda s, f: trainer.request_stop())
+    result = trainer.train()
+    m = result.last_metrics or {}
+    print(
+        f"{'stopped' if result.stopped_early else 'finished'}: {result.env_steps} env steps, "
+        f"{result.epochs} epochs; "
+        f"eval return {m.get('eval_return')}, eval cost {m.get('eval_cost')}; run dir {result.run_dir}"
+    )
+    if result.stopped_early:
+        print(f"resume with: cvpo train --resume {result.run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cvpo.artefact import evaluate_policy, load_policy
+
+    path = Path(args.path)
+    if (path / "policy").is_dir() and not (path / "policy.json").is_file():
+        path = path / ("best_policy" if args.best else "policy")
+    if not (path / "policy.json").is_file():
+        raise CliError(
+            f"{args.path}: no policy artefact (expected policy.json in it or in its policy/ folder)"
+        )
+    policy = load_policy(path)
+    result = evaluate_policy(policy, episodes=args.episodes, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{policy.meta['env_id']}: {args.episodes} deterministic episodes")
+        print(
+            f"return {result['return_mean']:.2f} ± {result['return_std']:.2f}; "
+            f"cost {result['cost_mean']:.2f} ± {result['cost_std']:.2f} (limit {policy.meta['cost_limits']})"
+        )
+        for i, (r, c) in enumerate(zip(result["returns"], result["costs"], strict=True)):
+            print(f"  episode {i}: return {r:.2f} cost {c:.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvpo", description="CVPO safe-RL train-and-serve service.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("envs", help="list the supported safety-gymnasium tasks",
-                       description="List supported tasks with observation/action shapes, action "
-                       "bounds, episode length and default cost limit.")
+    p = sub.add_parser(
+        "envs",
+        help="list the supported safety-gymnasium tasks",
+        description="List supported tasks with observation/action shapes, action "
+        "bounds, episode length and default cost limit.",
+    )
     p.add_argument("id", nargs="?", help="show one task only")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--check", action="store_true",
-                   help="build, reset and step each task on this machine and compare with the catalogue")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="build, reset and step each task on this machine and compare with the catalogue",
+    )
     p.set_defaults(func=cmd_envs)
+
+    p = sub.add_parser(
+        "train",
+        help="train a CVPO policy",
+        description="Train CVPO on a task. Settings resolve as defaults < the task's preset "
+        "< --config file < flags < --set. Writes metrics.jsonl/.csv, TensorBoard events, "
+        "checkpoints and a policy artefact into --out. Ctrl-C stops after a checkpoint.",
+    )
+    p.add_argument("--env", help="task id (see `cvpo envs`)")
+    p.add_argument("--total-env-steps", type=int, help="env-step budget (default 100000)")
+    p.add_argument("--seed", type=int, help="run seed (default 0)")
+    p.add_argument(
+        "--cost-limit",
+        type=float,
+        action="append",
+        help="episodic cost limit; repeat for several constraints (default 25; inf = none)",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
+    p.add_argument("--preset", help="preset name (default: picked from the task id; 'none' for none)")
+    p.add_argument("--config", help="TOML file of settings (same keys as the TrainConfig sections)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set algo.num_samples=64 (repeatable)",
+    )
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a policy artefact deterministically",
+        description="Run deterministic (mean-action) episodes of a policy artefact. PATH is a "
+        "run directory (uses its policy/) or an artefact directory.",
+    )
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first evaluation episode (default 0)")
+    p.add_argument(
+        "--best", action="store_true", help="use the run's best feasible policy instead of the final"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -118,8 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # never a raw traceback for a user; CVPO_DEBUG=1 shows it
         if os.environ.get("CVPO_DEBUG"):
             raise
-        print(f"cvpo {args.command}: internal error: {type(exc).__name__}: {exc} "
-              "(set CVPO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"cvpo {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(set CVPO_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -114,9 +114,7 @@ class UnknownTaskError(ValueError):
         self.task_id = task_id
         close = difflib.get_close_matches(str(task_id), TASKS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        super().__init__(
-            f"unknown task id {task_id!r}.{hint} Valid ids: {', '.join(TASKS)}"
-        )
+        super().__init__(f"unknown task id {task_id!r}.{hint} Valid ids: {', '.join(TASKS)}")
 
 
 def get_task(task_id: str) -> TaskInfo:

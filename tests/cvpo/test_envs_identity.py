@@ -39,8 +39,12 @@ def rollout_digest(task_id: str, seed: int, fast: bool, episodes: int, steps: in
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("task_id", "episodes"),
-    [("SafetyPointGoal1-v0", 3), ("SafetyCarGoal1-v0", 2), ("SafetyPointButton1-v0", 2),
-     ("SafetyPointCircle1-v0", 2)],
+    [
+        ("SafetyPointGoal1-v0", 3),
+        ("SafetyCarGoal1-v0", 2),
+        ("SafetyPointButton1-v0", 2),
+        ("SafetyPointCircle1-v0", 2),
+    ],
 )
 def test_fast_reset_is_bit_identical_to_stock(task_id: str, episodes: int) -> None:
     stock, stock_xml = rollout_digest(task_id, seed=11, fast=False, episodes=episodes, steps=150)

@@ -1,0 +1,228 @@
+"""One CVPO update on a minibatch: critics → E-step → M-step → targets (cvpo-algorithm.md §6.1).
+
+The learner owns the networks, their optimisers and the dual variables (η, λ, α). It is
+environment-agnostic: it sees normalised observation tensors and n-step targets, nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cvpo.config import TrainConfig
+from cvpo.estep import estep_weights, solve_dual
+from cvpo.mstep import gaussian_kl_terms, mstep_loss, project_multiplier, weighted_mle
+from cvpo.nets import EnsembleCritic, GaussianActor, polyak_update
+
+
+@dataclass
+class MinibatchTensors:
+    """An n-step minibatch on the learner's device; observations already normalised."""
+
+    obs: torch.Tensor  # (B, o)
+    action: torch.Tensor  # (B, d) raw policy samples
+    reward_return: torch.Tensor  # (B,)
+    cost_return: torch.Tensor  # (B, m)
+    bootstrap_obs: torch.Tensor  # (B, o)
+    discount: torch.Tensor  # (B,)
+    terminated: torch.Tensor  # (B,) float 0/1
+
+
+def sample_actions(mean: torch.Tensor, tril: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Raw Gaussian samples mean + L·z, shape (B, d) or (n, B, d), from the global torch RNG."""
+    shape = mean.shape if n is None else (n, *mean.shape)
+    z = torch.randn(shape, dtype=mean.dtype, device=mean.device)
+    return mean + (tril @ z.unsqueeze(-1)).squeeze(-1)
+
+
+class Learner:
+    def __init__(
+        self,
+        config: TrainConfig,
+        obs_dim: int,
+        act_dim: int,
+        per_step_thresholds: np.ndarray,
+        device: torch.device,
+    ) -> None:
+        a, n = config.algo, config.network
+        self.config = config
+        self.device = device
+        self.m = config.num_constraints
+        self.thresholds = np.asarray(per_step_thresholds, dtype=np.float64)
+        self.actor = GaussianActor(
+            obs_dim, act_dim, n.actor_hidden, covariance=n.covariance, mean_bound=n.mean_bound
+        ).to(device)
+        self.actor_old = copy.deepcopy(self.actor).requires_grad_(False)
+        self.reward_critic = EnsembleCritic(obs_dim, act_dim, 2, n.critic_hidden).to(device)
+        self.cost_critic = EnsembleCritic(obs_dim, act_dim, self.m, n.critic_hidden).to(device)
+        self.reward_target = copy.deepcopy(self.reward_critic).requires_grad_(False)
+        self.cost_target = copy.deepcopy(self.cost_critic).requires_grad_(False)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=a.actor_lr)
+        self.critic_opt = torch.optim.Adam(
+            [*self.reward_critic.parameters(), *self.cost_critic.parameters()], lr=a.critic_lr
+        )
+        self.temperature = 1.0  # η (§2.5 step 4: first solve from η = 1, λ at the floor)
+        self.cost_multipliers = np.full(self.m, a.dual_lower)  # λ
+        self.alpha_mean = 0.0  # α_μ
+        self.alpha_cov = 0.0  # α_Σ
+        self.updates = 0
+
+    # ------------------------------------------------------------------ state
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {
+            "actor": self.actor,
+            "actor_old": self.actor_old,
+            "reward_critic": self.reward_critic,
+            "cost_critic": self.cost_critic,
+            "reward_target": self.reward_target,
+            "cost_target": self.cost_target,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **{f"net.{k}": v.state_dict() for k, v in self.modules().items()},
+            "opt.actor": self.actor_opt.state_dict(),
+            "opt.critic": self.critic_opt.state_dict(),
+            "duals": {
+                "temperature": self.temperature,
+                "cost_multipliers": self.cost_multipliers.tolist(),
+                "alpha_mean": self.alpha_mean,
+                "alpha_cov": self.alpha_cov,
+                "updates": self.updates,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, module in self.modules().items():
+            module.load_state_dict(state[f"net.{k}"])
+        self.actor_opt.load_state_dict(state["opt.actor"])
+        self.critic_opt.load_state_dict(state["opt.critic"])
+        d = state["duals"]
+        self.temperature = float(d["temperature"])
+        self.cost_multipliers = np.asarray(d["cost_multipliers"], dtype=np.float64)
+        self.alpha_mean, self.alpha_cov = float(d["alpha_mean"]), float(d["alpha_cov"])
+        self.updates = int(d["updates"])
+
+    def set_thresholds(self, thresholds: np.ndarray) -> None:
+        """Per-step thresholds c̄ change under a cost-limit curriculum (§1.2)."""
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+
+    # ------------------------------------------------------------------ phases
+
+    def start_phase(self) -> None:
+        """Before the updates that follow a collection: optionally reset α (FSRL resets per phase)."""
+        if not self.config.algo.persist_alpha:
+            self.alpha_mean = self.alpha_cov = 0.0
+
+    def end_phase(self) -> None:
+        """After the updates that follow a collection: π_old ← π_θ in "phase" mode (§3.4)."""
+        if self.config.algo.pi_old == "phase":
+            self.actor_old.load_state_dict(self.actor.state_dict())
+
+    # ------------------------------------------------------------------ update
+
+    def critic_step(self, b: MinibatchTensors) -> dict[str, float]:
+        """One TD step for the reward pair (min) and the cost critics (no min), §4.3."""
+        a = self.config.algo
+        with torch.no_grad():
+            next_mean, next_tril = self.actor(b.bootstrap_obs)
+            next_action = sample_actions(next_mean, next_tril)  # a′ ~ π_θ(·|s′)
+            q_r_next = self.reward_target(b.bootstrap_obs, next_action).min(dim=0).values
+            q_c_next = self.cost_target(b.bootstrap_obs, next_action)  # (m, B)
+            alive = 1.0 - b.terminated
+            y_r = b.reward_return + b.discount * alive * q_r_next
+            cost_alive = alive if a.cost_mask == "terminated" else torch.ones_like(alive)
+            y_c = b.cost_return.T + b.discount * cost_alive * q_c_next
+        q_r = self.reward_critic(b.obs, b.action)  # (2, B)
+        q_c = self.cost_critic(b.obs, b.action)  # (m, B)
+        loss_r = ((q_r - y_r) ** 2).mean(dim=1).sum()
+        loss_c = ((q_c - y_c) ** 2).mean(dim=1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        (loss_r + loss_c).backward()
+        self.critic_opt.step()
+        return {
+            "critic_loss_reward": loss_r.item(),
+            "critic_loss_cost": loss_c.item(),
+            "q_reward": q_r.mean().item(),
+            "q_cost": q_c.mean().item() if self.m else 0.0,
+        }
+
+    def update(self, b: MinibatchTensors) -> dict[str, float]:
+        a = self.config.algo
+        stats = self.critic_step(b)
+
+        # E-step (§2.5): K samples from π_old scored by the target critics, solved on CPU float64.
+        with torch.no_grad():
+            mean_old, tril_old = self.actor_old(b.obs)
+            samples = sample_actions(mean_old, tril_old, a.num_samples)  # (K, B, d)
+            obs_k = b.obs.unsqueeze(0).expand(a.num_samples, *b.obs.shape)
+            q_r = self.reward_target(obs_k, samples).min(dim=0).values  # (K, B)
+            q_c = self.cost_target(obs_k, samples)  # (m, K, B)
+        q_r_np = q_r.T.double().cpu().numpy()
+        q_c_np = q_c.transpose(1, 2).double().cpu().numpy()
+        solution = solve_dual(
+            q_r_np,
+            q_c_np,
+            self.thresholds,
+            a.kl_bound,
+            init_temperature=self.temperature,
+            init_multipliers=self.cost_multipliers,
+            bounds=(a.dual_lower, a.dual_upper),
+            max_iter=a.dual_max_iter,
+            reset_on_saturation=a.reset_dual_on_saturation,
+        )
+        self.temperature = solution.temperature
+        self.cost_multipliers = np.asarray(solution.cost_multipliers, dtype=np.float64)
+        weights_np = estep_weights(q_r_np, q_c_np, self.temperature, self.cost_multipliers)
+        weights = torch.as_tensor(weights_np, dtype=b.obs.dtype, device=self.device)  # (B, K)
+        actions = samples.transpose(0, 1)  # (B, K, d)
+
+        # M-step (§3): weighted MLE inside KL trust regions, projected multipliers.
+        for _ in range(a.mstep_iters):
+            mean_new, tril_new = self.actor(b.obs)
+            mle = weighted_mle(actions, weights, mean_old, tril_old, mean_new, tril_new)
+            c_mu, c_sigma = gaussian_kl_terms(mean_old, tril_old, mean_new, tril_new)
+            self.alpha_mean = project_multiplier(
+                self.alpha_mean, c_mu.item(), a.mean_kl_bound, a.alpha_mean_step, a.alpha_mean_max
+            )
+            self.alpha_cov = project_multiplier(
+                self.alpha_cov, c_sigma.item(), a.cov_kl_bound, a.alpha_cov_step, a.alpha_cov_max
+            )
+            loss = mstep_loss(mle, c_mu, c_sigma, self.alpha_mean, self.alpha_cov, a.mean_kl_bound, a.cov_kl_bound)
+            self.actor_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if a.actor_grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.actor.parameters(), a.actor_grad_clip)
+            self.actor_opt.step()
+
+        polyak_update(self.reward_target, self.reward_critic, a.tau)
+        polyak_update(self.cost_target, self.cost_critic, a.tau)
+        if a.pi_old == "polyak":
+            polyak_update(self.actor_old, self.actor, a.tau)
+        self.updates += 1
+
+        stats.update(
+            {
+                "temperature": self.temperature,
+                "estep_kl": solution.mean_kl,
+                "dual_iterations": float(solution.iterations),
+                "dual_success": float(solution.success),
+                "dual_fallback": float(solution.fallback),
+                "saturation_events": float(np.any(solution.saturated)),
+                "mstep_kl_mean": c_mu.item(),
+                "mstep_kl_cov": c_sigma.item(),
+                "mstep_loss": loss.item(),
+                "alpha_mean": self.alpha_mean,
+                "alpha_cov": self.alpha_cov,
+            }
+        )
+        for i in range(self.m):
+            stats[f"cost_multiplier_{i}"] = float(self.cost_multipliers[i])
+            stats[f"estep_weighted_cost_{i}"] = float(solution.weighted_cost[i])
+        return stats

@@ -1,0 +1,548 @@
+"""The training loop: collect, update, evaluate, track the best feasible policy, checkpoint.
+
+Design for exact resume (service-design.md §3.5): every episode is reset with a seed derived from
+(run seed, episode index), epochs and checkpoints fall on episode ends, and a checkpoint holds
+all learner, buffer, normaliser and RNG state plus the epoch's running accumulators. So a run
+stopped at any checkpoint and resumed on CPU reproduces the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cvpo import envs
+from cvpo.artefact import write_policy_artefact
+from cvpo.buffer import ReplayBuffer
+from cvpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from cvpo.config import TrainConfig, config_from_dict
+from cvpo.envs import ObservationNormalizer, SafeEnv
+from cvpo.learner import Learner, MinibatchTensors
+from cvpo.thresholds import curriculum_threshold, per_step_threshold
+
+EVAL_SEED_BASE = 1_000_003  # evaluation layouts: the same episodes every epoch, apart from training's
+# Metrics that legitimately differ between two runs of the same seed (wall clock).
+TIMING_KEYS = ("wall_time_s", "env_steps_per_s", "epoch_time_s")
+
+
+def episode_seed(run_seed: int, episode: int) -> int:
+    """A distinct, reproducible reset seed per training episode."""
+    return int(np.random.SeedSequence([run_seed, episode]).generate_state(1)[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class EpochStats:
+    """Running accumulators of one epoch (saved in checkpoints so a mid-epoch stop resumes exactly)."""
+
+    start_step: int = 0
+    start_time: float = 0.0
+    episode_returns: list[float] = field(default_factory=list)
+    episode_costs: list[list[float]] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
+    update_sums: dict[str, float] = field(default_factory=dict)
+    update_count: int = 0
+
+    def add_update(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.update_sums[k] = self.update_sums.get(k, 0.0) + v
+        self.update_count += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "start_step": self.start_step,
+            "episode_returns": self.episode_returns,
+            "episode_costs": self.episode_costs,
+            "episode_lengths": self.episode_lengths,
+            "update_sums": self.update_sums,
+            "update_count": self.update_count,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochStats:
+        return cls(
+            start_step=d["start_step"],
+            episode_returns=list(d["episode_returns"]),
+            episode_costs=[list(c) for c in d["episode_costs"]],
+            episode_lengths=list(d["episode_lengths"]),
+            update_sums=dict(d["update_sums"]),
+            update_count=d["update_count"],
+        )
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs: int
+    env_steps: int
+    stopped_early: bool
+    last_metrics: dict[str, Any] | None
+    best: dict[str, Any] | None
+
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+class Trainer:
+    """Owns env, buffer, normaliser and learner for one run directory.
+
+    ``on_epoch_end(metrics)`` callbacks see each epoch's metrics; ``on_checkpoint(path, metrics)``
+    each written checkpoint. ``request_stop()`` (Ctrl-C, a cancel) ends the run at the next
+    episode end, after a checkpoint.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: Path, quiet: bool = False) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.quiet = quiet
+        self.device = resolve_device(config.device)
+        torch.set_num_threads(config.loop.torch_threads)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.rng = np.random.Generator(np.random.PCG64(config.seed))
+
+        self.task = envs.get_task(config.env_id)
+        self.env: SafeEnv = envs.make(config.env_id, seed=None)
+        self.eval_env: SafeEnv = envs.make(config.env_id, seed=None)
+        self.horizon = self.env.max_episode_steps
+        m = config.num_constraints
+        self.normalizer = ObservationNormalizer(self.env.obs_dim, clip=config.loop.obs_clip)
+        self.buffer = ReplayBuffer(config.loop.buffer_size, self.env.obs_dim, self.env.act_dim, m)
+        self.learner = Learner(config, self.env.obs_dim, self.env.act_dim, self.thresholds(0), self.device)
+
+        self.env_steps = 0
+        self.episodes = 0
+        self.epoch = 0
+        self.update_credit = 0.0
+        self.steps_since_update = 0
+        self.best: dict[str, Any] | None = None
+        self.epoch_stats = EpochStats()
+        self.elapsed_before = 0.0  # wall time of earlier attempts, for the metrics' wall_time_s
+        self._stop = False
+        self.on_epoch_end: list[EpochCallback] = []
+        self.on_checkpoint: list[Callable[[Path, dict[str, Any]], None]] = []
+
+    # ------------------------------------------------------------------ helpers
+
+    def thresholds(self, epoch: int) -> np.ndarray:
+        c, g = self.config.constraints, self.config.algo.gamma
+        if c.curriculum_epochs > 0 and c.curriculum_start is not None:
+            return np.array(
+                [
+                    curriculum_threshold(
+                        epoch, c.curriculum_start, limit, c.curriculum_epochs, self.horizon, g
+                    )[0]
+                    for limit in c.cost_limits
+                ]
+            )
+        return per_step_threshold(list(c.cost_limits), self.horizon, g)
+
+    def current_limits(self, epoch: int) -> list[float]:
+        """Episodic limits in force at ``epoch`` (the curriculum's, converted back for reporting)."""
+        c = self.config.constraints
+        if c.curriculum_epochs > 0 and c.curriculum_start is not None and epoch < c.curriculum_epochs:
+            frac = math.exp(-5.0 * epoch / c.curriculum_epochs)
+            return [lim + (c.curriculum_start - lim) * frac for lim in c.cost_limits]
+        return list(c.cost_limits)
+
+    def costs_of(self, cost: float, info: dict[str, Any]) -> np.ndarray:
+        signals = self.config.constraints.cost_signals or ("cost",) * self.config.num_constraints
+        out = np.empty(len(signals))
+        for i, name in enumerate(signals):
+            if name == "cost":
+                out[i] = cost
+            elif name in info:
+                out[i] = float(info[name])
+            else:
+                keys = sorted(k for k in info if k.startswith("cost"))
+                raise ValueError(f"cost signal {name!r} is not in this task's info; available: cost, {keys}")
+        return out
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def policy_action(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.as_tensor(self.normalize(obs), dtype=torch.float32, device=self.device).unsqueeze(0)
+            mean, tril = self.learner.actor(x)
+            if deterministic:
+                action = mean
+            else:
+                z = torch.randn(mean.shape, device=self.device)
+                action = mean + (tril @ z.unsqueeze(-1)).squeeze(-1)
+        return action[0].cpu().numpy().astype(np.float64)
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        return self.normalizer.normalize(obs) if self.config.loop.normalize_obs else np.asarray(obs)
+
+    def minibatch(self) -> MinibatchTensors:
+        a = self.config.algo
+        idx = self.buffer.sample_indices(a.batch_size, self.rng)
+        nb = self.buffer.nstep(idx, a.n_step, a.gamma)
+
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+
+        return MinibatchTensors(
+            obs=t(self.normalize(nb.obs)),
+            action=t(nb.action),
+            reward_return=t(nb.reward_return),
+            cost_return=t(nb.cost_return),
+            bootstrap_obs=t(self.normalize(nb.bootstrap_obs)),
+            discount=t(nb.discount),
+            terminated=t(nb.terminated.astype(np.float32)),
+        )
+
+    def run_updates(self) -> None:
+        a = self.config.algo
+        credit = self.update_credit + self.steps_since_update * a.updates_per_step
+        self.steps_since_update = 0
+        if len(self.buffer) < a.batch_size or self.env_steps < self.config.loop.warmup_steps:
+            self.update_credit = 0.0  # no backlog of updates builds up during warm-up
+            return
+        n = int(credit)
+        self.update_credit = credit - n
+        if n == 0:
+            return
+        self.learner.start_phase()
+        for _ in range(n):
+            self.epoch_stats.add_update(self.learner.update(self.minibatch()))
+        self.learner.end_phase()
+
+    # ------------------------------------------------------------------ collection and evaluation
+
+    def run_episode(self) -> None:
+        """One training episode with updates interleaved every ``update_every`` steps."""
+        lp = self.config.loop
+        obs, _ = self.env.reset(seed=episode_seed(self.config.seed, self.episodes))
+        self.episodes += 1
+        ep_return, ep_cost, length = 0.0, np.zeros(self.config.num_constraints), 0
+        while True:
+            if self.env_steps < lp.warmup_steps:
+                action = self.rng.uniform(-1.0, 1.0, self.env.act_dim)
+            else:
+                action = self.policy_action(obs, deterministic=False)
+            next_obs, reward, cost, terminated, truncated, info = self.env.step(action)
+            costs = self.costs_of(cost, info)
+            if lp.normalize_obs:
+                self.normalizer.update(obs)
+            self.buffer.add(obs, action, reward, costs, next_obs, terminated, truncated)
+            ep_return += reward
+            ep_cost += costs
+            length += 1
+            self.env_steps += 1
+            self.steps_since_update += 1
+            obs = next_obs
+            if self.steps_since_update >= lp.update_every:
+                self.run_updates()
+            if terminated or truncated:
+                break
+        self.epoch_stats.episode_returns.append(ep_return)
+        self.epoch_stats.episode_costs.append(ep_cost.tolist())
+        self.epoch_stats.episode_lengths.append(length)
+
+    def evaluate(self, episodes: int) -> dict[str, Any]:
+        """Deterministic (mean-action) episodes on fixed evaluation layouts."""
+        returns, costs = [], []
+        for i in range(episodes):
+            obs, _ = self.eval_env.reset(seed=EVAL_SEED_BASE + i)
+            ep_return, ep_cost = 0.0, np.zeros(self.config.num_constraints)
+            while True:
+                obs, reward, cost, terminated, truncated, info = self.eval_env.step(
+                    self.policy_action(obs, deterministic=True)
+                )
+                ep_return += reward
+                ep_cost += self.costs_of(cost, info)
+                if terminated or truncated:
+                    break
+            returns.append(ep_return)
+            costs.append(ep_cost.tolist())
+        return {"returns": returns, "costs": costs}
+
+    # ------------------------------------------------------------------ epochs
+
+    def epoch_metrics(self, evaluation: dict[str, Any]) -> dict[str, Any]:
+        es = self.epoch_stats
+        limits = self.current_limits(self.epoch)
+        m = self.config.num_constraints
+        now = time.perf_counter()
+        epoch_time = now - es.start_time
+        metrics: dict[str, Any] = {
+            "epoch": self.epoch,
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "updates": self.learner.updates,
+            "train_return": float(np.mean(es.episode_returns)) if es.episode_returns else None,
+            "train_cost": float(np.mean([c[0] for c in es.episode_costs])) if es.episode_costs else None,
+            "train_costs": np.mean(es.episode_costs, axis=0).tolist() if es.episode_costs else None,
+            "train_episode_length": float(np.mean(es.episode_lengths)) if es.episode_lengths else None,
+            "cost_limits": limits,
+        }
+        if evaluation["returns"]:
+            eval_costs = np.array(evaluation["costs"])
+            metrics.update(
+                {
+                    "eval_return": float(np.mean(evaluation["returns"])),
+                    "eval_return_std": float(np.std(evaluation["returns"])),
+                    "eval_cost": float(eval_costs[:, 0].mean()),
+                    "eval_cost_std": float(eval_costs[:, 0].std()),
+                    "eval_costs": eval_costs.mean(axis=0).tolist(),
+                    "eval_episode_returns": evaluation["returns"],
+                    "eval_episode_costs": evaluation["costs"],
+                }
+            )
+            metrics["feasible"] = bool(all(eval_costs.mean(axis=0)[i] <= limits[i] for i in range(m)))
+        n = max(es.update_count, 1)
+        for k, v in sorted(es.update_sums.items()):
+            metrics[k] = v / n
+        metrics["update_count"] = es.update_count
+        metrics["temperature_last"] = self.learner.temperature
+        metrics["cost_multipliers"] = self.learner.cost_multipliers.tolist()
+        metrics["per_step_thresholds"] = self.learner.thresholds.tolist()
+        metrics["epoch_time_s"] = epoch_time
+        metrics["env_steps_per_s"] = (self.env_steps - es.start_step) / max(epoch_time, 1e-9)
+        metrics["wall_time_s"] = self.elapsed_before + (now - self._t0)
+        return metrics
+
+    def update_best(self, metrics: dict[str, Any]) -> bool:
+        """Best = highest eval return among feasible epochs, else lowest eval cost (FSRL's rule)."""
+        if "eval_return" not in metrics:
+            return False
+        cand = {
+            "epoch": metrics["epoch"],
+            "env_steps": metrics["env_steps"],
+            "eval_return": metrics["eval_return"],
+            "eval_cost": metrics["eval_cost"],
+            "feasible": metrics["feasible"],
+        }
+        b = self.best
+        better = (
+            b is None
+            or (cand["feasible"] and not b["feasible"])
+            or (cand["feasible"] and b["feasible"] and cand["eval_return"] > b["eval_return"])
+            or (not cand["feasible"] and not b["feasible"] and cand["eval_cost"] < b["eval_cost"])
+        )
+        if better:
+            self.best = cand
+        return better
+
+    # ------------------------------------------------------------------ checkpoints and artefacts
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+        state = self.learner.state_dict()
+        state["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            state["rng.cuda"] = torch.cuda.get_rng_state_all()
+        arrays = {f"buffer.{k}": v for k, v in self.buffer.state_dict(copy=False).items()}
+        arrays.update({f"normalizer.{k}": v for k, v in self.normalizer.state_dict().items()})
+        meta = {
+            "config": self.config.to_dict(),
+            "config_hash": self.config.config_hash(),
+            "counters": {
+                "env_steps": self.env_steps,
+                "episodes": self.episodes,
+                "epoch": self.epoch,
+                "update_credit": self.update_credit,
+                "steps_since_update": self.steps_since_update,
+            },
+            "rng": {"numpy": self.rng.bit_generator.state, "python": random.getstate()},
+            "epoch_stats": self.epoch_stats.to_dict(),
+            "best": self.best,
+            "wall_time_s": self.elapsed_before + (time.perf_counter() - self._t0),
+        }
+        return state, arrays, meta
+
+    def save(self, metrics: dict[str, Any] | None) -> Path:
+        state, arrays, meta = self.state()
+        meta["metrics"] = metrics
+        path = save_checkpoint(
+            self.run_dir / "checkpoints" / f"ckpt_{self.env_steps:010d}", state, arrays, meta
+        )
+        for cb in self.on_checkpoint:
+            cb(path, meta)
+        return path
+
+    def restore(self, path: Path) -> None:
+        state, arrays, meta = load_checkpoint(path, map_location=str(self.device))
+        if meta["config_hash"] != self.config.config_hash():
+            raise ValueError(f"{path} was written with another config (hash {meta['config_hash'][:12]})")
+        self.learner.load_state_dict(state)
+        torch.set_rng_state(state["rng.torch"])
+        if "rng.cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng.cuda"])
+        self.buffer.load_state_dict(
+            {k.removeprefix("buffer."): v for k, v in arrays.items() if k.startswith("buffer.")}
+        )
+        self.normalizer.load_state_dict(
+            {k.removeprefix("normalizer."): v for k, v in arrays.items() if k.startswith("normalizer.")}
+        )
+        c = meta["counters"]
+        self.env_steps, self.episodes, self.epoch = c["env_steps"], c["episodes"], c["epoch"]
+        self.update_credit, self.steps_since_update = c["update_credit"], c["steps_since_update"]
+        self.rng.bit_generator.state = meta["rng"]["numpy"]
+        py = meta["rng"]["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        self.epoch_stats = EpochStats.from_dict(meta["epoch_stats"])
+        self.best = meta["best"]
+        self.elapsed_before = float(meta["wall_time_s"])
+        self.learner.set_thresholds(self.thresholds(self.epoch))
+
+    def write_policy(self, name: str, metrics: dict[str, Any] | None) -> Path:
+        summary = (
+            {
+                k: metrics.get(k)
+                for k in (
+                    "epoch",
+                    "env_steps",
+                    "eval_return",
+                    "eval_cost",
+                    "feasible",
+                    "train_return",
+                    "train_cost",
+                )
+            }
+            if metrics
+            else {}
+        )
+        summary["seed"] = self.config.seed
+        return write_policy_artefact(
+            self.run_dir / name,
+            actor=self.learner.actor,
+            normalizer=self.normalizer if self.config.loop.normalize_obs else None,
+            env=self.env,
+            config=self.config,
+            summary=summary,
+        )
+
+    # ------------------------------------------------------------------ metrics files
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        rows = [
+            json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line
+        ]
+        scalar_keys = [k for k in rows[-1] if not isinstance(rows[-1][k], list | dict)]
+        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=scalar_keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        if self._tb is not None:
+            for k in scalar_keys:
+                v = metrics.get(k)
+                if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("epoch", "env_steps"):
+                    self._tb.add_scalar(k, v, self.env_steps)
+            for i, lam in enumerate(metrics["cost_multipliers"]):
+                self._tb.add_scalar(f"cost_multiplier/{i}", lam, self.env_steps)
+            self._tb.flush()
+
+    def _truncate_metrics(self) -> None:
+        """On resume, drop metric lines written after the checkpoint we resume from."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["epoch"] <= self.epoch
+            ]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        self._truncate_metrics()
+        self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._t0 = time.perf_counter()
+        lp = self.config.loop
+        total = self.config.total_env_steps
+        last_metrics: dict[str, Any] | None = None
+        progress = None
+        if not self.quiet:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total, initial=self.env_steps, unit="step", dynamic_ncols=True)
+        try:
+            while self.env_steps < total and not self._stop:
+                self.epoch_stats.start_time = self.epoch_stats.start_time or time.perf_counter()
+                before = self.env_steps
+                self.run_episode()
+                if progress is not None:
+                    progress.update(self.env_steps - before)
+                epoch_done = (
+                    self.env_steps - self.epoch_stats.start_step >= lp.steps_per_epoch
+                    or self.env_steps >= total
+                )
+                if not epoch_done:
+                    if self._stop:
+                        self.save(None)  # mid-epoch: accumulators travel in the checkpoint
+                    continue
+                evaluation = self.evaluate(lp.eval_episodes)
+                metrics = self.epoch_metrics(evaluation)
+                improved = self.update_best(metrics)
+                metrics["best"] = self.best
+                self.write_metrics(metrics)
+                last_metrics = metrics
+                if improved:
+                    self.write_policy("best_policy", metrics)
+                self.epoch += 1
+                self.learner.set_thresholds(self.thresholds(self.epoch))
+                self.epoch_stats = EpochStats(start_step=self.env_steps, start_time=time.perf_counter())
+                if progress is not None:
+                    lam = ", ".join(f"{x:.3g}" for x in self.learner.cost_multipliers)
+                    progress.set_postfix_str(
+                        f"R {metrics.get('eval_return', math.nan):.1f} "
+                        f"C {metrics.get('eval_cost', math.nan):.1f}"
+                        f" λ {lam} {metrics['env_steps_per_s']:.0f} st/s"
+                    )
+                for cb in self.on_epoch_end:
+                    cb(metrics)
+                if self.epoch % lp.checkpoint_every_epochs == 0 or self.env_steps >= total or self._stop:
+                    self.save(metrics)
+        finally:
+            if progress is not None:
+                progress.close()
+            self._tb.close()
+        finished = self.env_steps >= total
+        if finished:
+            self.write_policy("policy", last_metrics or self._last_saved_metrics())
+        return TrainResult(self.run_dir, self.epoch, self.env_steps, not finished, last_metrics, self.best)
+
+    def _last_saved_metrics(self) -> dict[str, Any] | None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return None
+        lines = [line for line in path.read_text().splitlines() if line]
+        return json.loads(lines[-1]) if lines else None
+
+    @classmethod
+    def resume(cls, run_dir: Path, quiet: bool = False) -> Trainer:
+        """A trainer restored from the newest complete checkpoint in ``run_dir``."""
+        run_dir = Path(run_dir)
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
+        _, _, meta = load_checkpoint(checkpoints[-1])
+        trainer = cls(config_from_dict(meta["config"]), run_dir, quiet=quiet)
+        trainer.restore(checkpoints[-1])
+        return trainer

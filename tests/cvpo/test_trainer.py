@@ -1,0 +1,162 @@
+"""End-to-end engine: a tiny run writes everything, resumes bit-identically, and exports a policy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cvpo.artefact import ArtefactError, load_policy
+from cvpo.config import resolve_config
+from cvpo.trainer import TIMING_KEYS, Trainer
+
+TINY = {
+    "env_id": "SafetyPointCircle1-v0",
+    "total_env_steps": 1500,
+    "seed": 3,
+    "network": {"actor_hidden": [32, 32], "critic_hidden": [32, 32]},
+    "algo": {"batch_size": 64, "num_samples": 8, "updates_per_step": 0.1},
+    "loop": {"steps_per_epoch": 500, "update_every": 100, "eval_episodes": 1, "torch_threads": 1},
+}
+
+
+def metrics_without_timing(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        for key in TIMING_KEYS:
+            row.pop(key)
+    return rows
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path) -> None:
+    config = resolve_config(TINY)
+    whole = Trainer(config, tmp_path / "whole", quiet=True)
+    result = whole.train()
+    assert not result.stopped_early and result.env_steps == 1500 and result.epochs == 3
+
+    part = Trainer(config, tmp_path / "part", quiet=True)
+    part.on_epoch_end.append(lambda m: part.request_stop() if m["epoch"] == 0 else None)
+    first = part.train()
+    assert first.stopped_early and first.env_steps == 500
+    resumed = Trainer.resume(tmp_path / "part", quiet=True)
+    assert resumed.env_steps == 500 and resumed.epoch == 1
+    resumed.train()
+
+    a, b = metrics_without_timing(tmp_path / "whole"), metrics_without_timing(tmp_path / "part")
+    assert len(a) == 3 and a == b  # every value, every epoch, bit for bit (JSON floats are exact)
+    wa = (tmp_path / "whole" / "policy" / "policy.safetensors").read_bytes()
+    wb = (tmp_path / "part" / "policy" / "policy.safetensors").read_bytes()
+    assert wa == wb
+
+    run = tmp_path / "whole"
+    assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,env_steps")
+    assert any((run / "tensorboard").iterdir())
+    assert json.loads((run / "config.json").read_text())["env_id"] == "SafetyPointCircle1-v0"
+    for key in (
+        "eval_return",
+        "eval_cost",
+        "train_return",
+        "train_cost",
+        "temperature",
+        "cost_multipliers",
+        "estep_kl",
+        "mstep_kl_mean",
+        "mstep_kl_cov",
+        "q_reward",
+        "q_cost",
+        "dual_iterations",
+    ):
+        assert key in a[-1], key
+
+
+@pytest.mark.slow
+def test_policy_artefact_matches_the_actor_and_loads_without_torch(tmp_path: Path) -> None:
+    import torch
+
+    config = resolve_config({**TINY, "total_env_steps": 500})
+    trainer = Trainer(config, tmp_path / "run", quiet=True)
+    trainer.train()
+    policy = load_policy(tmp_path / "run" / "policy")
+    obs = np.random.default_rng(0).normal(size=(16, trainer.env.obs_dim)) * 3
+    actions, clipped = policy.act(obs)
+    with torch.no_grad():
+        x = torch.as_tensor(trainer.normalizer.normalize(obs), dtype=torch.float32)
+        mean, _ = trainer.learner.actor(x)
+    expected = np.clip(mean.numpy().astype(np.float64), -1, 1)
+    np.testing.assert_allclose(actions, expected, atol=1e-5)
+    assert clipped.tolist() == (np.abs(mean.numpy()) > 1).any(axis=1).tolist()
+    assert np.all(actions >= policy.low) and np.all(actions <= policy.high)
+
+    code = (
+        "import sys; from cvpo.artefact import load_policy; p = load_policy(sys.argv[1]); "
+        "p.act([[0.0] * p.obs_dim]); "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('cvpo.trainer', 'cvpo.learner'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "run" / "policy")], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    weights = tmp_path / "run" / "policy" / "policy.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtefactError, match="sha256"):
+        load_policy(tmp_path / "run" / "policy")
+
+
+@pytest.mark.slow
+def test_cli_train_then_eval(tmp_path: Path) -> None:
+    cvpo = str(Path(sys.executable).parent / "cvpo")
+    run = tmp_path / "demo"
+    args = [
+        cvpo,
+        "train",
+        "--env",
+        "SafetyHalfCheetahVelocity-v1",
+        "--total-env-steps",
+        "1000",
+        "--seed",
+        "0",
+        "--out",
+        str(run),
+        "--quiet",
+        "--set",
+        "network.actor_hidden=[32]",
+        "--set",
+        "network.critic_hidden=[32]",
+        "--set",
+        "loop.steps_per_epoch=1000",
+        "--set",
+        "loop.eval_episodes=1",
+        "--set",
+        "loop.warmup_steps=200",
+        "--set",
+        "algo.batch_size=64",
+        "--set",
+        "algo.num_samples=8",
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "finished: 1000 env steps" in out.stdout
+    again = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    ev = subprocess.run(
+        [cvpo, "eval", str(run), "--episodes", "2", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout)
+    assert result["episodes"] == 2 and len(result["returns"]) == 2 and len(result["costs"]) == 2
+    bad = subprocess.run(
+        [cvpo, "train", "--env", "SafetyNope-v0", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "env_id" in bad.stderr and "Traceback" not in bad.stderr
