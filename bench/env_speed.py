@@ -10,12 +10,11 @@ ratio columns are the figure, absolute times on a shared 2-core host are noisy (
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from results_io import write_result
 
 from cvpo import envs
 
@@ -70,9 +69,7 @@ def measure(task_id: str, fast: bool, resets: int, episodes: int, seed: int = 0)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=2, help="whole episodes per task and variant (2)")
     parser.add_argument("--resets", type=int, default=5, help="timed resets per task and variant (5)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
@@ -99,20 +96,7 @@ def main() -> None:
             f"without resets {s['steps_per_s_without_resets']:.0f} / {o['steps_per_s_without_resets']:.0f}",
             flush=True,
         )
-    result = {
-        "benchmark": "env_speed",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
-        },
-        "episodes": args.episodes,
-        "resets": args.resets,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "env_speed", {"episodes": args.episodes, "resets": args.resets, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import write_result
 
 from cvpo.config import resolve_config
 from cvpo.estep import estep_weights, solve_dual
@@ -139,16 +139,13 @@ def main() -> None:
         row = {"task": task, "K": 32, **end_to_end(task, args.steps)}
         e2e.append(row)
         print(json.dumps(row), flush=True)
-    result = {
-        "benchmark": "train_throughput",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
-        "update_phases": phases,
-        "end_to_end": e2e,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(
+        args.out,
+        "train_throughput",
+        {"update_phases": phases, "end_to_end": e2e},
+        torch=torch.__version__,
+        threads=args.threads,
+    )
 
 
 if __name__ == "__main__":
