@@ -203,3 +203,96 @@ def test_unconstrained_cvpo_learns_circle_beyond_a_random_policy(tmp_path: Path)
                 done = terminated or truncated
             random_returns.append(total)
     assert learned > float(np.mean(random_returns)) + 10.0, (learned, random_returns)
+
+
+@pytest.mark.slow
+def test_two_constraints_with_a_curriculum(tmp_path: Path) -> None:
+    config = resolve_config(
+        {
+            **TINY,
+            "total_env_steps": 1000,
+            "constraints": {
+                "cost_limits": [25, 5],
+                "cost_signals": ["cost", "cost_out_of_boundary"],
+                "curriculum_start": 100,
+                "curriculum_epochs": 4,
+            },
+        }
+    )
+    trainer = Trainer(config, tmp_path / "two", quiet=True)
+    assert trainer.learner.cost_critic(torch_zeros(trainer.env.obs_dim), torch_zeros(trainer.env.act_dim)).shape[0] == 2
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert len(row["cost_multipliers"]) == 2 and len(row["eval_costs"]) == 2 and len(row["train_costs"]) == 2
+        assert "cost_multiplier_1" in row and "estep_weighted_cost_1" in row
+    # The curriculum starts at 100 and decays toward each final limit; thresholds follow it.
+    assert rows[0]["cost_limits"] == [100.0, 100.0]
+    assert 25 < rows[1]["cost_limits"][0] < 100 and 5 < rows[1]["cost_limits"][1] < rows[1]["cost_limits"][0]
+    assert rows[1]["per_step_thresholds"][1] < rows[0]["per_step_thresholds"][1]
+    # Episode cost of the second constraint reads the itemised signal, never more than the total.
+    assert all(c[1] <= c[0] for c in (rows[0]["eval_episode_costs"] + [r["train_costs"] for r in rows]))
+    bad = resolve_config(
+        {**TINY, "total_env_steps": 500, "constraints": {"cost_limits": [25], "cost_signals": ["cost_nope"]}}
+    )
+    with pytest.raises(ValueError, match="cost_nope"):
+        Trainer(bad, tmp_path / "bad", quiet=True).train()
+
+
+def torch_zeros(dim: int):
+    import torch
+
+    return torch.zeros(1, dim)
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    cvpo = str(Path(sys.executable).parent / "cvpo")
+    run = tmp_path / "int"
+    proc = subprocess.Popen(
+        [
+            cvpo,
+            "train",
+            "--env",
+            "SafetyPointCircle1-v0",
+            "--total-env-steps",
+            "5000",
+            "--out",
+            str(run),
+            "--quiet",
+            "--set",
+            "network.actor_hidden=[32]",
+            "--set",
+            "network.critic_hidden=[32]",
+            "--set",
+            "loop.eval_episodes=1",
+            "--set",
+            "loop.steps_per_epoch=2500",
+            "--set",
+            "algo.batch_size=64",
+            "--set",
+            "algo.num_samples=8",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (run / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert "stopped" in out and "--resume" in out
+    from cvpo.checkpoint import list_checkpoints
+
+    assert list_checkpoints(run), "no checkpoint written on Ctrl-C"
+    done = subprocess.run([cvpo, "train", "--resume", str(run), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "finished: 5000 env steps" in done.stdout
+    assert (run / "policy" / "policy.json").is_file()
