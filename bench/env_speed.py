@@ -27,6 +27,15 @@ TASKS = (
 )
 
 
+def run_until_done(env: envs.SafeEnv, actions: np.ndarray) -> int:
+    """Step through ``actions`` until the episode ends; return the steps taken."""
+    for steps, a in enumerate(actions, start=1):
+        _, _, _, terminated, truncated, _ = env.step(a)
+        if terminated or truncated:
+            return steps
+    return len(actions)
+
+
 def measure(task_id: str, fast: bool, resets: int, episodes: int, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     with envs.make(task_id, seed=seed, fast_reset=fast) as env:
@@ -41,23 +50,15 @@ def measure(task_id: str, fast: bool, resets: int, episodes: int, seed: int = 0)
         # Steps without resets: up to one episode from a fresh reset, reset excluded from the clock.
         env.reset()
         actions = rng.uniform(-1, 1, (env.max_episode_steps, env.act_dim))
-        steps, t0 = 0, time.perf_counter()
-        for a in actions:
-            steps += 1
-            _, _, _, terminated, truncated, _ = env.step(a)
-            if terminated or truncated:
-                break
+        t0 = time.perf_counter()
+        steps = run_until_done(env, actions)
         no_reset_sps = steps / (time.perf_counter() - t0)
 
         # Whole episodes including their resets.
         total, t0 = 0, time.perf_counter()
         for _ in range(episodes):
             env.reset()
-            for a in actions:
-                total += 1
-                _, _, _, terminated, truncated, _ = env.step(a)
-                if terminated or truncated:
-                    break
+            total += run_until_done(env, actions)
         with_reset_sps = total / (time.perf_counter() - t0)
     return {
         "first_reset_s": first_reset,

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from cvpo.envs.wrappers import scale_action  # numpy only: the one place actions meet the Box
+
 WEIGHTS_FILE = "policy.safetensors"
 META_FILE = "policy.json"
 FORMAT_VERSION = 1
@@ -138,23 +140,24 @@ class PolicyRuntime:
             tril[:, rows, cols] = np.clip(raw[:, d:], -self.offdiag_bound, self.offdiag_bound)
         return mean, tril
 
-    def act(
+    def raw_action(
         self, obs: np.ndarray, deterministic: bool = True, rng: np.random.Generator | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Env actions inside [low, high] and, per row, whether clipping changed the policy output."""
+    ) -> np.ndarray:
+        """The policy's output in its [-1, 1] convention, before clipping: the mean or a sample."""
         obs = np.atleast_2d(np.asarray(obs, dtype=np.float64))
         if obs.shape[1] != self.obs_dim:
             raise ValueError(f"expected observations of length {self.obs_dim}, got {obs.shape[1]}")
         mean, tril = self.distribution_params(obs)
         if deterministic:
-            raw = mean
-        else:
-            rng = rng or np.random.default_rng()
-            raw = mean + (tril @ rng.standard_normal(mean.shape)[..., None])[..., 0]
-        unit = np.clip(raw, -1.0, 1.0)
-        clipped = np.any(unit != raw, axis=-1)
-        env_action = np.clip(self.low + (unit + 1.0) * 0.5 * (self.high - self.low), self.low, self.high)
-        return env_action, clipped
+            return mean
+        rng = rng or np.random.default_rng()
+        return mean + (tril @ rng.standard_normal(mean.shape)[..., None])[..., 0]
+
+    def act(
+        self, obs: np.ndarray, deterministic: bool = True, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Env actions inside [low, high] and, per row, whether clipping changed the policy output."""
+        return scale_action(self.raw_action(obs, deterministic, rng), self.low, self.high)
 
 
 def load_policy(path: Path) -> PolicyRuntime:
@@ -184,10 +187,8 @@ def evaluate_policy(policy: PolicyRuntime, episodes: int = 10, seed: int = 0) ->
             obs, _ = env.reset(seed=seed + i)
             ep_r = ep_c = 0.0
             while True:
-                action, _ = policy.act(obs, deterministic=True)
-                # SafeEnv expects [-1, 1]; map the Box action back (identity for [-1, 1] boxes).
-                unit = 2.0 * (action[0] - env.act_low) / (env.act_high - env.act_low) - 1.0
-                obs, r, c, terminated, truncated, _ = env.step(unit)
+                # SafeEnv clips and maps the policy's [-1, 1] output to the Box itself.
+                obs, r, c, terminated, truncated, _ = env.step(policy.raw_action(obs)[0])
                 ep_r += r
                 ep_c += c
                 if terminated or truncated:

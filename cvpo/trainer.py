@@ -27,7 +27,7 @@ from cvpo.buffer import ReplayBuffer
 from cvpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from cvpo.config import TrainConfig, config_from_dict
 from cvpo.envs import ObservationNormalizer, SafeEnv
-from cvpo.learner import Learner, MinibatchTensors
+from cvpo.learner import Learner, MinibatchTensors, sample_actions
 from cvpo.thresholds import curriculum_threshold, per_step_threshold
 
 EVAL_SEED_BASE = 1_000_003  # evaluation layouts: the same episodes every epoch, apart from training's
@@ -146,9 +146,7 @@ class Trainer:
         if c.curriculum_epochs > 0 and c.curriculum_start is not None:
             return np.array(
                 [
-                    curriculum_threshold(
-                        epoch, c.curriculum_start, limit, c.curriculum_epochs, self.horizon, g
-                    )[0]
+                    curriculum_threshold(epoch, c.curriculum_start, limit, c.curriculum_epochs, self.horizon, g)[0]
                     for limit in c.cost_limits
                 ]
             )
@@ -182,11 +180,7 @@ class Trainer:
         with torch.no_grad():
             x = torch.as_tensor(self.normalize(obs), dtype=torch.float32, device=self.device).unsqueeze(0)
             mean, tril = self.learner.actor(x)
-            if deterministic:
-                action = mean
-            else:
-                z = torch.randn(mean.shape, device=self.device)
-                action = mean + (tril @ z.unsqueeze(-1)).squeeze(-1)
+            action = mean if deterministic else sample_actions(mean, tril)
         return action[0].cpu().numpy().astype(np.float64)
 
     def normalize(self, obs: np.ndarray) -> np.ndarray:
@@ -372,9 +366,7 @@ class Trainer:
     def save(self, metrics: dict[str, Any] | None) -> Path:
         state, arrays, meta = self.state()
         meta["metrics"] = metrics
-        path = save_checkpoint(
-            self.run_dir / "checkpoints" / f"ckpt_{self.env_steps:010d}", state, arrays, meta
-        )
+        path = save_checkpoint(self.run_dir / "checkpoints" / f"ckpt_{self.env_steps:010d}", state, arrays, meta)
         for cb in self.on_checkpoint:
             cb(path, meta)
         return path
@@ -436,9 +428,7 @@ class Trainer:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        rows = [
-            json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line
-        ]
+        rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]
         scalar_keys = [k for k in rows[-1] if not isinstance(rows[-1][k], list | dict)]
         with open(self.run_dir / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=scalar_keys, extrasaction="ignore")
@@ -457,11 +447,7 @@ class Trainer:
         """On resume, drop metric lines written after the checkpoint we resume from."""
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line)["epoch"] <= self.epoch
-            ]
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= self.epoch]
             path.write_text("".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ the loop
@@ -490,8 +476,7 @@ class Trainer:
                 if progress is not None:
                     progress.update(self.env_steps - before)
                 epoch_done = (
-                    self.env_steps - self.epoch_stats.start_step >= lp.steps_per_epoch
-                    or self.env_steps >= total
+                    self.env_steps - self.epoch_stats.start_step >= lp.steps_per_epoch or self.env_steps >= total
                 )
                 if not epoch_done:
                     if self._stop:

@@ -32,6 +32,22 @@ def metrics_without_timing(run_dir: Path) -> list[dict]:
     return rows
 
 
+def tiny_train_args(cvpo: str, env_id: str, steps: int, run: Path, *sets: str) -> list[str]:
+    """`cvpo train` with tiny networks and one evaluation episode, plus extra --set overrides."""
+    overrides = (
+        "network.actor_hidden=[32]",
+        "network.critic_hidden=[32]",
+        "loop.eval_episodes=1",
+        "algo.batch_size=64",
+        "algo.num_samples=8",
+        *sets,
+    )
+    args = [cvpo, "train", "--env", env_id, "--total-env-steps", str(steps), "--out", str(run), "--quiet"]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path) -> None:
     config = resolve_config(TINY)
@@ -116,31 +132,8 @@ def test_cli_train_then_eval(tmp_path: Path) -> None:
     cvpo = str(Path(sys.executable).parent / "cvpo")
     run = tmp_path / "demo"
     args = [
-        cvpo,
-        "train",
-        "--env",
-        "SafetyHalfCheetahVelocity-v1",
-        "--total-env-steps",
-        "1000",
-        "--seed",
-        "0",
-        "--out",
-        str(run),
-        "--quiet",
-        "--set",
-        "network.actor_hidden=[32]",
-        "--set",
-        "network.critic_hidden=[32]",
-        "--set",
-        "loop.steps_per_epoch=1000",
-        "--set",
-        "loop.eval_episodes=1",
-        "--set",
-        "loop.warmup_steps=200",
-        "--set",
-        "algo.batch_size=64",
-        "--set",
-        "algo.num_samples=8",
+        *tiny_train_args(cvpo, "SafetyHalfCheetahVelocity-v1", 1000, run, "loop.steps_per_epoch=1000"),
+        *("--seed", "0", "--set", "loop.warmup_steps=200"),
     ]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -254,29 +247,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     cvpo = str(Path(sys.executable).parent / "cvpo")
     run = tmp_path / "int"
     proc = subprocess.Popen(
-        [
-            cvpo,
-            "train",
-            "--env",
-            "SafetyPointCircle1-v0",
-            "--total-env-steps",
-            "5000",
-            "--out",
-            str(run),
-            "--quiet",
-            "--set",
-            "network.actor_hidden=[32]",
-            "--set",
-            "network.critic_hidden=[32]",
-            "--set",
-            "loop.eval_episodes=1",
-            "--set",
-            "loop.steps_per_epoch=2500",
-            "--set",
-            "algo.batch_size=64",
-            "--set",
-            "algo.num_samples=8",
-        ],
+        tiny_train_args(cvpo, "SafetyPointCircle1-v0", 5000, run, "loop.steps_per_epoch=2500"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
