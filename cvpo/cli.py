@@ -149,16 +149,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CliError("give --env and --out (or --resume RUN_DIR)")
         run_dir = Path(args.out)
         if list_checkpoints(run_dir):
-            raise CliError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out"
-            )
+            raise CliError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
         config = resolve_config(_train_overrides(args), preset=args.preset)
         trainer = Trainer(config, run_dir, quiet=args.quiet)
 
     def on_sigint(signum: int, frame: object) -> None:
-        print(
-            "\nstopping after this episode and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr
-        )
+        print("\nstopping after this episode and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
         trainer.request_stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -183,9 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (path / "policy").is_dir() and not (path / "policy.json").is_file():
         path = path / ("best_policy" if args.best else "policy")
     if not (path / "policy.json").is_file():
-        raise CliError(
-            f"{args.path}: no policy artefact (expected policy.json in it or in its policy/ folder)"
-        )
+        raise CliError(f"{args.path}: no policy artefact (expected policy.json in it or in its policy/ folder)")
     policy = load_policy(path)
     result = evaluate_policy(policy, episodes=args.episodes, seed=args.seed)
     if args.json:
@@ -246,9 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one setting, e.g. --set algo.num_samples=64 (repeatable)",
     )
     p.add_argument("--out", help="run directory to create")
-    p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
-    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -261,12 +253,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first evaluation episode (default 0)")
-    p.add_argument(
-        "--best", action="store_true", help="use the run's best feasible policy instead of the final"
-    )
+    p.add_argument("--best", action="store_true", help="use the run's best feasible policy instead of the final")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
+
+    for name, helptext in (
+        ("serve", "run the whole service here: Redis (unless REDIS_URL), one worker and the API"),
+        ("api", "run only the REST API (uvicorn, one process)"),
+        ("worker", "run only a Celery training worker (one job at a time; CUDA when present)"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            description=f"{helptext[0].upper()}{helptext[1:]}. Configured by environment variables: "
+            "CVPO_API_TOKEN, CVPO_HOST, CVPO_PORT, CVPO_DATA_DIR, REDIS_URL, DATABASE_URL and the others "
+            "listed in README's Configuration table.",
+        )
+        if name != "worker":
+            p.add_argument("--host", help="bind address (default CVPO_HOST or 127.0.0.1)")
+            p.add_argument("--port", type=int, help="port (default CVPO_PORT or 8000)")
+        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        p.set_defaults(func=cmd_service, service=name)
     return parser
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    # The CLI is the composition root: only these commands reach into worker/ (cvpo/ stays a library).
+    from worker import service
+    from worker.settings import Settings
+
+    changes = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v}
+    settings = Settings.from_env().with_(**changes)
+    try:
+        if args.service == "serve":
+            return service.serve(settings)
+        if args.service == "api":
+            return service.run_api(settings, args.log_level)
+        return service.run_worker(settings, args.log_level.upper())
+    except service.ServiceError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -285,8 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CVPO_DEBUG"):
             raise
         print(
-            f"cvpo {args.command}: internal error: {type(exc).__name__}: {exc} "
-            "(set CVPO_DEBUG=1 for the traceback)",
+            f"cvpo {args.command}: internal error: {type(exc).__name__}: {exc} (set CVPO_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -277,9 +277,7 @@ def validate(c: TrainConfig) -> None:
     _check(c.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {c.device!r}")
 
     k = c.constraints
-    _check(
-        len(k.cost_limits) >= 1, "constraints.cost_limits", "give at least one limit (inf = unconstrained)"
-    )
+    _check(len(k.cost_limits) >= 1, "constraints.cost_limits", "give at least one limit (inf = unconstrained)")
     for i, limit in enumerate(k.cost_limits):
         _check(limit >= 0, f"constraints.cost_limits[{i}]", f"must be ≥ 0 (or inf), got {limit}")
     _check(
@@ -331,16 +329,12 @@ def validate(c: TrainConfig) -> None:
         "critic_lr",
     ):
         value = getattr(a, name)
-        _check(
-            value > 0 and math.isfinite(value), f"algo.{name}", f"must be a finite number > 0, got {value}"
-        )
+        _check(value > 0 and math.isfinite(value), f"algo.{name}", f"must be a finite number > 0, got {value}")
     _check(1 <= a.mstep_iters <= 100, "algo.mstep_iters", f"must be in [1, 100], got {a.mstep_iters}")
     _check(a.actor_grad_clip is None or a.actor_grad_clip > 0, "algo.actor_grad_clip", "must be > 0 or null")
     _check(0 < a.tau <= 1, "algo.tau", f"must be in (0, 1], got {a.tau}")
     _check(1 <= a.batch_size <= 65536, "algo.batch_size", f"must be in [1, 65536], got {a.batch_size}")
-    _check(
-        0 < a.updates_per_step <= 16, "algo.updates_per_step", f"must be in (0, 16], got {a.updates_per_step}"
-    )
+    _check(0 < a.updates_per_step <= 16, "algo.updates_per_step", f"must be in (0, 16], got {a.updates_per_step}")
     _check(
         a.cost_mask in ("terminated", "never"),
         "algo.cost_mask",
@@ -359,9 +353,7 @@ def validate(c: TrainConfig) -> None:
         "loop.buffer_size",
         f"must be ≥ algo.batch_size ({a.batch_size}), got {lp.buffer_size}",
     )
-    _check(
-        0 <= lp.eval_episodes <= 1000, "loop.eval_episodes", f"must be in [0, 1000], got {lp.eval_episodes}"
-    )
+    _check(0 <= lp.eval_episodes <= 1000, "loop.eval_episodes", f"must be in [0, 1000], got {lp.eval_episodes}")
     _check(lp.checkpoint_every_epochs >= 1, "loop.checkpoint_every_epochs", "must be ≥ 1")
     _check(lp.obs_clip > 0, "loop.obs_clip", "must be > 0")
     _check(1 <= lp.torch_threads <= 256, "loop.torch_threads", "must be in [1, 256]")
@@ -382,4 +374,36 @@ def parse_assignment(text: str) -> dict[str, Any]:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+    return out
+
+
+def expand_overrides(flat: dict[str, Any]) -> dict[str, Any]:
+    """Nested overrides from a mix of nested sections, dotted keys and unique bare field names.
+
+    ``{"batch_size": 64}`` and ``{"algo.batch_size": 64}`` both become ``{"algo": {"batch_size": 64}}``;
+    a bare name found in two sections (or none) is left for ``resolve_config`` to reject by name.
+    """
+    sections = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    owners: dict[str, list[str]] = {}
+    hints = get_type_hints(TrainConfig)
+    for name in sections:
+        sub = hints[name]
+        if dataclasses.is_dataclass(sub):
+            for f in dataclasses.fields(sub):
+                owners.setdefault(f.name, []).append(name)
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".") if "." in key else [key]
+        if len(parts) == 1 and key not in sections and len(owners.get(key, [])) == 1:
+            parts = [owners[key][0], key]
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, "conflicts with another override")
+        leaf = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = _deep_update(node[leaf], value)
+        else:
+            node[leaf] = value
     return out

@@ -447,7 +447,7 @@ class Trainer:
         """On resume, drop metric lines written after the checkpoint we resume from."""
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= self.epoch]
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < self.epoch]
             path.write_text("".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ the loop

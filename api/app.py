@@ -1,0 +1,102 @@
+"""The app factory and its lifespan: store, token bootstrap, policy cache, broker and reconciler loop.
+
+``create_app(settings)`` builds a fresh app (tests make one per temp data dir); ``api.app:app`` is
+not module-level on purpose, uvicorn is started with ``--factory`` by ``cvpo api``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
+
+from api.act import PolicyCache
+from api.auth import TokenCache, bootstrap_admin_token
+from api.errors import install_handlers
+from api.middleware import LimitsMiddleware
+from worker.settings import Settings
+from worker.store import Store
+
+log = logging.getLogger("cvpo.api")
+
+
+def _make_queue(settings: Settings, store: Store):
+    from worker.celery_app import make_celery
+    from worker.queue import JobQueue
+
+    return JobQueue(make_celery(settings), store, settings.queue)
+
+
+async def _reconcile_forever(app: FastAPI) -> None:
+    from worker.reconciler import reconcile
+
+    s: Settings = app.state.settings
+    while True:
+        await asyncio.sleep(s.reconcile_every_s)
+        try:
+            report = await asyncio.to_thread(reconcile, app.state.store, app.state.queue, s.outbox_grace_s)
+            if any(report.values()):
+                log.info("reconciler: %s", {k: v for k, v in report.items() if v})
+        except Exception:
+            log.exception("reconciler pass failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    if not settings.auth and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("CVPO_AUTH=off is only allowed when the API binds to a loopback address")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.resolved_database_url, settings.data_dir)
+        app.state.store = store
+        app.state.tokens = TokenCache(store)
+        app.state.policy_cache = PolicyCache(settings)
+        app.state.queue = _make_queue(settings, store)
+        if settings.auth:
+            where, created = bootstrap_admin_token(settings, store)
+            log.warning("API token: %s%s", where, " (newly generated)" if created else "")
+        else:
+            log.warning("authentication is OFF (CVPO_AUTH=off); loopback only")
+        task = asyncio.create_task(_reconcile_forever(app)) if settings.reconcile_every_s > 0 else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            store.engine.dispose()
+
+    app = FastAPI(
+        title="CVPO safe-RL service",
+        version="0.1.0",
+        summary="Train CVPO policies on safety-gymnasium tasks over REST and serve them to controllers.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_handlers(app)
+
+    from api.routes import envs, health, jobs, metrics, policies
+
+    for module in (health, envs, jobs, metrics):
+        app.include_router(module.router)
+    app.include_router(policies.router)
+    app.include_router(jobs.promote_router)
+
+    registry = CollectorRegistry()
+    app.state.prometheus_registry = registry
+    Instrumentator(registry=registry, excluded_handlers=["/metrics", "/livez", "/readyz"]).instrument(app)
+    app.add_middleware(
+        LimitsMiddleware,
+        body_limit=settings.body_limit,
+        act_body_limit=settings.act_body_limit,
+        max_inflight=settings.max_inflight,
+    )
+    return app

@@ -1,0 +1,101 @@
+"""Bearer-token auth with scopes (service-design.md §4).
+
+Tokens are 32 random bytes; only their SHA-256 is stored. The first start writes an admin token to
+``<data_dir>/api_token`` (mode 0600) and logs only its path. Lookups are cached in memory so the
+``/act`` hot path does not touch the database after the first request of a token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+
+from api.errors import Problem
+from worker.settings import Settings
+from worker.store import Principal, Store, hash_token
+
+log = logging.getLogger("cvpo.api")
+
+LOCAL_ADMIN = Principal("local", frozenset({"admin"}))
+
+
+def bootstrap_admin_token(settings: Settings, store: Store) -> tuple[str, str | None]:
+    """Register the admin token. Returns (where it is, the raw token if newly generated)."""
+    if settings.api_token:
+        store.ensure_token(settings.api_token, "admin (CVPO_API_TOKEN)", ["admin"])
+        return "the CVPO_API_TOKEN environment variable", None
+    path = settings.token_file
+    created = None
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        raw = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(raw + "\n")
+        created = raw
+    raw = path.read_text().strip()
+    store.ensure_token(raw, "admin (token file)", ["admin"])
+    return str(path.resolve()), created
+
+
+class TokenCache:
+    """digest → Principal, filled on first use. Tokens are never revoked in v1, so no expiry."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cache: dict[str, Principal] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, raw: str) -> Principal | None:
+        digest = hash_token(raw)
+        hit = self._cache.get(digest)
+        if hit is not None:
+            return hit
+        principal = self.store.lookup_token(digest)
+        if principal is not None:
+            with self._lock:
+                self._cache[digest] = principal
+        else:
+            hmac.compare_digest(digest, digest)  # same work on a miss as on a hit
+        return principal
+
+
+def authenticate(request: Request) -> Principal:
+    state: Any = request.app.state
+    if not state.settings.auth:
+        return LOCAL_ADMIN
+    header = request.headers.get("authorization")
+    if not header:
+        raise Problem(401, "missing Authorization: Bearer <token> header")
+    scheme, _, raw = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        raise Problem(401, "the Authorization header must be 'Bearer <token>'")
+    principal = state.tokens.resolve(raw.strip())
+    if principal is None:
+        raise Problem(401, "unknown API token")
+    return principal
+
+
+def require(scope: str) -> Callable[[Request], Principal]:
+    """A dependency: the caller's Principal, after checking it holds ``scope`` (or admin)."""
+
+    def dependency(request: Request) -> Principal:
+        principal = authenticate(request)
+        if not principal.allows(scope):
+            raise Problem(403, f"this token lacks the {scope!r} scope", type="/problems/missing-scope")
+        return principal
+
+    dependency.__name__ = f"require_{scope.replace(':', '_')}"
+    return dependency
+
+
+def owner_filter(principal: Principal) -> str | None:
+    """Admins see every client's jobs and policies; others only their own."""
+    return None if principal.admin else principal.token_id

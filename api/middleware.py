@@ -1,0 +1,119 @@
+"""Limits that FastAPI and uvicorn do not have (service-design.md §2.6, §4), as one pure ASGI layer.
+
+- A request id on every response (``X-Request-ID``, echoed from the client when it sends one).
+- An in-flight cap per process: over it → immediate 503 + ``Retry-After: 1`` (controllers have
+  deadlines; queueing them helps nobody).
+- A byte limit counted while the body streams (chunked bodies too) → 413, 8 MiB on ``/act``,
+  1 MiB elsewhere; JSON-only bodies → 415 for another Content-Type.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import Problem, problem_response
+
+HEALTH = ("/livez", "/readyz")
+
+
+class LimitsMiddleware:
+    def __init__(self, app: ASGIApp, *, body_limit: int, act_body_limit: int, max_inflight: int) -> None:
+        self.app = app
+        self.body_limit = body_limit
+        self.act_body_limit = act_body_limit
+        self.max_inflight = max_inflight
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        rid_header = (b"x-request-id", rid.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        path = scope["path"]
+        if path in HEALTH:
+            await self.app(scope, receive, send_with_id)
+            return
+        if self.inflight >= self.max_inflight:
+            await self._problem(scope, send_with_id, Problem(503, "server busy", headers={"Retry-After": "1"}))
+            return
+        self.inflight += 1
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                limit = self.act_body_limit if path.endswith("/act") else self.body_limit
+                body, problem = await self._read_body(headers, receive, limit)
+                if problem is None and body and not _is_json(headers.get(b"content-type", b"")):
+                    problem = Problem(415, "send the body as application/json")
+                if problem is not None:
+                    await self._problem(scope, send_with_id, problem)
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.inflight -= 1
+
+    async def _read_body(
+        self, headers: dict[bytes, bytes], receive: Receive, limit: int
+    ) -> tuple[bytes, Problem | None]:
+        too_big = Problem(413, f"request body over the {limit}-byte limit")
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    return b"", too_big
+            except ValueError:
+                return b"", Problem(400, "malformed Content-Length header")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks), None
+
+    async def _problem(self, scope: Scope, send: Send, problem: Problem) -> None:
+        from starlette.requests import Request
+
+        response = problem_response(Request(scope), problem)
+        await response(scope, _no_receive, send)
+
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+def _replay(body: bytes, original: Receive) -> Receive:
+    """The buffered body once, then the client's own stream (so disconnects still reach the app)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await original()
+
+    return receive
+
+
+async def _no_receive() -> Any:
+    return {"type": "http.disconnect"}

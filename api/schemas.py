@@ -1,0 +1,77 @@
+"""Pydantic models of the job API (service-design.md §1.2–1.3). They validate control-plane bodies
+and document the schema; the ``/act`` hot path parses with orjson instead (§2.5)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TOTAL_ENV_STEPS = 20_000_000
+MAX_TIME_LIMIT_S = 48 * 3600
+
+
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    episodes: int = Field(10, ge=1, le=100, description="Deterministic evaluation episodes after every epoch.")
+
+
+class JobSpec(BaseModel):
+    """A training job. Defaults < the task's preset < ``hyperparams`` (the response echoes the result)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"env_id": "SafetyPointCircle1-v0", "total_env_steps": 2000, "seed": 0, "cost_limit": 25}]
+        },
+    )
+
+    env_id: str = Field(..., description="A task id from GET /envs.", max_length=80)
+    algorithm: Literal["cvpo"] = "cvpo"
+    preset: str | None = Field(None, description="Preset name (GET /presets); default: the task's own.", max_length=40)
+    cost_limit: float | list[float] | None = Field(
+        None, description="Episodic cost limit(s) ≥ 0, one per constraint; default: the task's."
+    )
+    total_env_steps: int = Field(..., ge=1, le=MAX_TOTAL_ENV_STEPS)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Drawn and stored when missing.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    hyperparams: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Engine settings: nested sections ({'algo': {'batch_size': 64}}), dotted keys "
+        "('algo.batch_size') or bare names that are unique across sections ('batch_size').",
+    )
+    eval: EvalSpec | None = None
+    checkpoint_every_epochs: int | None = Field(None, ge=1, le=10_000)
+    time_limit_s: float = Field(86_400, gt=0, le=MAX_TIME_LIMIT_S)
+    max_attempts: int = Field(3, ge=1, le=5)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("cost_limit")
+    @classmethod
+    def _finite_limits(cls, v: float | list[float] | None) -> float | list[float] | None:
+        values = v if isinstance(v, list) else [v] if v is not None else []
+        if isinstance(v, list) and not 1 <= len(v) <= 8:
+            raise ValueError("give 1 to 8 cost limits")
+        for x in values:
+            if not math.isfinite(x) or x < 0:
+                raise ValueError("cost limits must be finite and ≥ 0")
+        return v
+
+
+class CancelResponse(BaseModel):
+    id: str
+    status: str
+
+
+class PromoteRequest(BaseModel):
+    """Promote a checkpoint of a job to an immutable policy (service-design.md §1.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(..., max_length=40)
+    checkpoint_id: str = Field("best", max_length=40, description='A checkpoint id, "best" or "final".')
+    shield: dict[str, Any] | None = Field(
+        None, description='{"type": "box", "low": [...], "high": [...]} or {"type": "hook", "name": ...}.'
+    )

@@ -1,0 +1,221 @@
+"""Shared fixtures for service tests: a real redis-server, real Celery worker processes, a real
+SQLite job store and the real FastAPI app (lifespan included), all on loopback with random ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.service import free_port, redis_command, wait_for_redis
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-admin-token"
+
+# A job that trains in seconds: tiny nets, few samples, 500-step epochs on the fastest task.
+TINY_SPEC: dict[str, Any] = {
+    "env_id": "SafetyPointCircle1-v0",
+    "total_env_steps": 1500,
+    "seed": 1,
+    "cost_limit": 25,
+    "eval": {"episodes": 1},
+    "checkpoint_every_epochs": 1,
+    "hyperparams": {
+        "network.actor_hidden": [16, 16],
+        "network.critic_hidden": [16, 16],
+        "batch_size": 32,
+        "num_samples": 4,
+        "updates_per_step": 0.05,
+        "steps_per_epoch": 500,
+        "update_every": 100,
+        "warmup_steps": 0,
+        "buffer_size": 5000,
+        "torch_threads": 1,
+    },
+}
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
+    """Poll with a deadline; the failure message says what never happened."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class RedisServer:
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is required (scripts/setup.sh installs it)")
+        self.proc = subprocess.Popen(redis_command(self.data_dir, self.port), stdout=subprocess.DEVNULL)
+        wait_for_redis(self.port, proc=self.proc)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis-data")
+    server.start()
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen
+    log_path: Path
+
+    def children(self) -> list[int]:
+        return _children(self.proc.pid)
+
+    def kill_children(self) -> list[int]:
+        pids = self.children()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        for pid in self.children():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Service:
+    settings: Settings
+    env: dict[str, str]
+    tmp: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start_worker(self) -> WorkerProcess:
+        log_path = self.tmp / f"worker-{len(self.workers)}.log"
+        log = open(log_path, "w")  # noqa: SIM115 - the worker process owns it until it exits
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cvpo.cli", "worker", "--log-level", "info"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        worker = WorkerProcess(proc, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def store(self) -> Any:
+        from worker.store import Store
+
+        return Store(self.settings.resolved_database_url, self.settings.data_dir)
+
+    def queue(self) -> Any:
+        from worker.celery_app import make_celery
+        from worker.queue import JobQueue
+
+        return JobQueue(make_celery(self.settings), self.store(), self.settings.queue)
+
+    def reconcile(self) -> dict[str, Any]:
+        from worker.reconciler import reconcile
+
+        return reconcile(self.store(), self.queue(), outbox_grace_s=0)
+
+
+def service_settings(tmp: Path, redis_url: str, **changes: Any) -> Settings:
+    base = Settings(
+        data_dir=tmp / "data",
+        redis_url=redis_url,
+        api_token=TOKEN,
+        queue=f"cvpo-test-{os.getpid()}-{tmp.name[-8:]}",
+        lease_ttl_s=4.0,
+        heartbeat_s=0.5,
+        reconcile_every_s=0.0,  # tests run the reconciler by hand
+        outbox_grace_s=0.0,
+    )
+    return base.with_(**changes)
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "CVPO_DATA_DIR": str(settings.data_dir),
+            "REDIS_URL": settings.redis_url,
+            "CVPO_API_TOKEN": settings.api_token or "",
+            "CVPO_QUEUE": settings.queue,
+            "CVPO_LEASE_TTL_S": str(settings.lease_ttl_s),
+            "CVPO_HEARTBEAT_S": str(settings.heartbeat_s),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+@pytest.fixture
+def service(tmp_path: Path, redis_server: RedisServer) -> Iterator[Service]:
+    settings = service_settings(tmp_path, redis_server.url)
+    svc = Service(settings, env_for(settings), tmp_path)
+    yield svc
+    for w in svc.workers:
+        w.kill()
+
+
+@pytest.fixture
+def api(service: Service) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app(service.settings)) as client:
+        client.headers["Authorization"] = f"Bearer {TOKEN}"
+        yield client

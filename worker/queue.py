@@ -1,0 +1,66 @@
+"""Sending jobs to the broker: the outbox half of ``POST /jobs`` and of the reconciler (service-design.md §1.6).
+
+A job is committed with ``enqueued_at`` null, then sent here; a send that fails (Redis down) is
+logged and left for the reconciler, so the API never loses a job to a broker outage.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from worker.celery_app import TRAIN_TASK
+from worker.store import JobRecord, Store
+
+log = logging.getLogger("cvpo.queue")
+
+
+class JobQueue:
+    def __init__(self, celery: Celery, store: Store, queue: str) -> None:
+        self.celery = celery
+        self.store = store
+        self.queue = queue
+
+    def send(self, job: JobRecord) -> bool:
+        """Publish ``{job_id, attempt}``; True when the broker took it. Duplicates fail the claim."""
+        try:
+            self.celery.send_task(
+                TRAIN_TASK,
+                args=[job.id, job.attempt],
+                task_id=f"{job.id}:{job.attempt}",
+                queue=self.queue,
+                retry=True,
+                retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2, "interval_max": 0.5},
+                # Celery's own hard limit backs up the runner's graceful deadline.
+                time_limit=int(job.time_limit_s) + 600,
+            )
+        except Exception as exc:  # any broker error: the reconciler retries later
+            log.warning("could not send %s attempt %d to the broker: %s", job.id, job.attempt, exc)
+            return False
+        self.store.mark_enqueued(job.id, job.attempt)
+        return True
+
+    def depth(self) -> int | None:
+        """Messages waiting in the queue (None when the broker is unreachable)."""
+        try:
+            with self.celery.connection_for_write() as conn:
+                client = conn.default_channel.client
+                return int(client.llen(self.queue))
+        except Exception:
+            return None
+
+    def broker_run_id(self) -> str | None:
+        """Redis' run_id: it changes on every restart, which is when queued messages may be gone."""
+        try:
+            with self.celery.connection_for_write() as conn:
+                return str(conn.default_channel.client.info("server")["run_id"])
+        except Exception:
+            return None
+
+    def ping(self) -> bool:
+        try:
+            with self.celery.connection_for_write() as conn:
+                return bool(conn.default_channel.client.ping())
+        except Exception:
+            return False

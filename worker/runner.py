@@ -1,0 +1,154 @@
+"""Run one claimed attempt of a job with the engine's Trainer: heartbeats, fencing, callbacks, outcome.
+
+No training logic lives here: the trainer collects, updates, evaluates and checkpoints; this module
+only connects its callbacks to the job store (service-design.md §3.3) and turns the way the loop
+ended into the job's next state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from worker.queue import JobQueue
+from worker.settings import Settings
+from worker.store import JobRecord, Store
+
+log = logging.getLogger("cvpo.worker")
+
+FENCED_EXIT = 75  # the lease went to another attempt: die without writing anything more
+
+
+class DivergedError(RuntimeError):
+    """A loss or statistic became NaN/Inf: retrying the same seed would diverge again."""
+
+
+def _fenced(job_id: str, attempt: int) -> None:
+    log.error("job %s attempt %d lost its lease; exiting without further writes", job_id, attempt)
+    os._exit(FENCED_EXIT)
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease; asks the trainer to stop on cancel, requeue or the job's time limit."""
+
+    def __init__(self, store: Store, settings: Settings, job: JobRecord, owner: str, trainer: Any) -> None:
+        super().__init__(name=f"heartbeat-{job.id}", daemon=True)
+        self.store, self.settings, self.job, self.owner, self.trainer = store, settings, job, owner, trainer
+        self.deadline = time.time() + job.time_limit_s
+        self.reason: str | None = None
+        self.halt = threading.Event()
+
+    def check(self, job: JobRecord | None) -> None:
+        if job is None:
+            _fenced(self.job.id, self.job.attempt)
+            return
+        if self.reason is None:
+            if job.cancel_requested:
+                self.reason = "cancel"
+            elif job.requeue_requested:
+                self.reason = "requeue"
+            elif time.time() > self.deadline:
+                self.reason = "timeout"
+        if self.reason is not None:
+            self.trainer.request_stop()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.settings.heartbeat_s):
+            try:
+                self.check(self.store.heartbeat(self.job.id, self.job.attempt, self.owner, self.settings.lease_ttl_s))
+            except Exception:  # a transient store error: the next beat retries before the lease runs out
+                log.exception("heartbeat for %s failed", self.job.id)
+
+
+def _check_finite(metrics: dict[str, Any]) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DivergedError(f"{key} became {value} at epoch {metrics.get('epoch')}")
+
+
+def run_job(store: Store, queue: JobQueue, settings: Settings, job_id: str, attempt: int, owner: str) -> str:
+    """Train the claimed attempt to its end. Returns the outcome (the job's new status)."""
+    job = store.get_job(job_id)
+
+    def fail(reason: str, message: str) -> str:
+        log.error("job %s failed (%s): %s", job_id, reason, message)
+        store.log(job_id, f"failed ({reason}): {message}", "error")
+        store.finish(job_id, attempt, owner, "failed", failure={"reason": reason, "message": message[:2000]})
+        return "failed"
+
+    try:
+        from cvpo.config import ConfigError, config_from_dict
+        from cvpo.trainer import Trainer
+
+        config = config_from_dict(job.config)
+        trainer = Trainer(config, Path(job.run_dir), quiet=True)
+        registered = [ck for ck in store.list_checkpoints(job_id) if Path(ck.path).is_dir()]
+        if registered:
+            trainer.restore(Path(registered[-1].path))
+    except (ConfigError, ValueError) as exc:
+        return fail("invalid_spec", str(exc))
+    except Exception as exc:
+        return fail("internal", f"{type(exc).__name__}: {exc}")
+
+    if not store.begin_attempt(job_id, attempt, owner, trainer.epoch):
+        _fenced(job_id, attempt)
+    if registered:
+        store.log(job_id, f"attempt {attempt} resumes from {Path(registered[-1].path).name} (epoch {trainer.epoch})")
+    heartbeat = Heartbeat(store, settings, job, owner, trainer)
+
+    def on_epoch_end(metrics: dict[str, Any]) -> None:
+        _check_finite(metrics)
+        heartbeat.check(store.record_epoch(job_id, attempt, owner, metrics))
+
+    def on_checkpoint(path: Path, meta: dict[str, Any]) -> None:
+        # A servable artefact next to every checkpoint, so promotion never needs torch (§2.3).
+        artefact = trainer.write_policy(f"artefacts/{path.name}", meta.get("metrics"))
+        if store.register_checkpoint(job_id, attempt, owner, path, artefact, meta.get("metrics")) is None:
+            _fenced(job_id, attempt)
+
+    trainer.on_epoch_end.append(on_epoch_end)
+    trainer.on_checkpoint.append(on_checkpoint)
+    heartbeat.start()
+    try:
+        result = trainer.train()
+    except DivergedError as exc:
+        return fail("diverged", str(exc))
+    except MemoryError as exc:
+        return fail("oom", f"out of memory: {exc}")
+    except Exception as exc:
+        if "out of memory" in str(exc).lower():
+            return fail("oom", str(exc))
+        log.exception("job %s crashed", job_id)
+        return fail("internal", f"{type(exc).__name__}: {exc}")
+    finally:
+        heartbeat.halt.set()
+        heartbeat.join(timeout=5)
+
+    if not result.stopped_early:
+        return _succeed(store, job, attempt, owner)
+    reason = heartbeat.reason
+    if reason == "cancel":
+        store.finish(job_id, attempt, owner, "cancelled")
+        return "cancelled"
+    if reason == "requeue":
+        if store.finish(job_id, attempt, owner, "queued"):
+            queue.send(store.get_job(job_id))
+        return "queued"
+    if reason == "timeout":
+        return fail("timeout", f"time limit of {job.time_limit_s:g} s reached; the last checkpoint is kept")
+    return fail("internal", "the training loop stopped without a reason")
+
+
+def _succeed(store: Store, job: JobRecord, attempt: int, owner: str) -> str:
+    """Promote the best-feasible artefact (the final one if no evaluation ran), then succeed."""
+    run_dir = Path(job.run_dir)
+    source = "best" if (run_dir / "best_policy" / "policy.json").is_file() else "final"
+    policy = store.promote(job=store.get_job(job.id), source=source, client=job.client)
+    store.finish(job.id, attempt, owner, "succeeded", policy_id=policy.id)
+    store.log(job.id, f"succeeded; {source} checkpoint promoted to {policy.id}")
+    return "succeeded"

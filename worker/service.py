@@ -1,0 +1,168 @@
+"""Process orchestration for ``cvpo serve | api | worker`` (the CLI's composition root).
+
+``serve`` runs the whole service on one machine: Redis (persistent: AOF ``everysec``,
+``noeviction``, loopback only; service-design.md §3.6) unless ``REDIS_URL`` is set, one Celery
+worker and the API, as child processes that get the same environment. SIGTERM/Ctrl-C stops the
+API, then the worker (warm shutdown: running jobs checkpoint and requeue), then Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from worker.settings import Settings
+
+STOP_GRACE_S = 120.0
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start as configured (missing redis-server, port in use, …)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def redis_command(data_dir: Path, port: int) -> list[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise ServiceError("redis-server is not installed (apt-get install redis-server), or set REDIS_URL")
+    redis_dir = data_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        exe,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--protected-mode", "yes",
+        "--dir", str(redis_dir.resolve()),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--maxmemory-policy", "noeviction",
+        "--daemonize", "no",
+        "--logfile", "",
+    ]  # fmt: skip
+
+
+def wait_for_redis(port: int, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"redis-server exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise ServiceError(f"redis-server did not answer on 127.0.0.1:{port} within {timeout_s:.0f} s")
+
+
+def worker_argv(settings: Settings, loglevel: str = "INFO") -> list[str]:
+    return [
+        "worker",
+        "-Q", settings.queue,
+        "-c", "1",
+        "-P", "prefork",
+        "-n", f"cvpo-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        f"--loglevel={loglevel}",
+    ]  # fmt: skip
+
+
+def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
+    """Run one Celery worker in this process (blocks). CUDA is picked per job inside the child."""
+    from worker.celery_app import app  # built from the same environment as ``settings``
+
+    app.worker_main(worker_argv(settings, loglevel))
+    return 0
+
+
+def run_api(settings: Settings, loglevel: str = "info") -> int:
+    import uvicorn
+
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=loglevel,
+        limit_concurrency=max(settings.max_inflight * 2, 64),
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    """Start Redis (unless REDIS_URL is set), one worker and the API; stop them all on SIGTERM/SIGINT."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if not port_is_free(settings.host, settings.port):
+        raise ServiceError(f"port {settings.port} on {settings.host} is in use; set CVPO_PORT")
+    env = dict(os.environ)
+    env["CVPO_DATA_DIR"] = str(settings.data_dir.resolve())
+    children: list[tuple[str, subprocess.Popen]] = []
+    if "REDIS_URL" not in os.environ:
+        port = 6379 if port_is_free("127.0.0.1", 6379) else free_port()
+        redis = subprocess.Popen(redis_command(settings.data_dir, port), stdout=subprocess.DEVNULL)
+        children.append(("redis", redis))
+        wait_for_redis(port, proc=redis)
+        env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    cli = [sys.executable, "-m", "cvpo.cli"]
+    worker = subprocess.Popen([*cli, "worker"], env=env)
+    children.append(("worker", worker))
+    api = subprocess.Popen([*cli, "api"], env=env)
+    children.append(("api", api))
+
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    token_where = "CVPO_API_TOKEN" if settings.api_token else str((settings.data_dir / "api_token").resolve())
+    print(
+        f"cvpo serve: API on http://{settings.host}:{settings.port} (docs at /docs); "
+        f"broker {env['REDIS_URL']}; data in {settings.data_dir.resolve()}; API token in {token_where}",
+        flush=True,
+    )
+    try:
+        while not stopping:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    print(f"cvpo serve: {name} exited with status {proc.returncode}; stopping", file=sys.stderr)
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        for name, proc in reversed(children):  # API first, then the worker, Redis last
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=STOP_GRACE_S if name == "worker" else 20)
+                except subprocess.TimeoutExpired:
+                    print(f"cvpo serve: {name} did not stop in time; killing it", file=sys.stderr)
+                    proc.kill()
+                    proc.wait()
+    return 0

@@ -1,0 +1,103 @@
+"""Service configuration, read from environment variables once (README "Configuration" lists them all).
+
+One frozen dataclass shared by the API, the worker and ``cvpo serve`` so every process agrees on
+the data directory, the database, the broker and the reliability timings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """An environment variable with a value the service cannot use."""
+
+
+def _num(env: Mapping[str, str], name: str, default: float, cast: type = float, minimum: float | None = None) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = cast(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is not a {cast.__name__}") from exc
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be ≥ {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the service, with its env var in the comment. Defaults suit one machine."""
+
+    data_dir: Path = Path("./cvpo-data")  # CVPO_DATA_DIR: job runs, checkpoints, policies, SQLite file, token
+    database_url: str = ""  # DATABASE_URL: SQLAlchemy URL; default sqlite:///<data_dir>/cvpo.db
+    redis_url: str = "redis://127.0.0.1:6379/0"  # REDIS_URL: the broker (cvpo serve starts one if unset)
+    api_token: str | None = None  # CVPO_API_TOKEN: admin token; generated into <data_dir>/api_token if unset
+    host: str = "127.0.0.1"  # CVPO_HOST: API bind address (localhost by default)
+    port: int = 8000  # CVPO_PORT
+    auth: bool = True  # CVPO_AUTH=off disables auth (only allowed on a loopback host)
+    queue: str = "cvpo"  # CVPO_QUEUE: Celery queue for training jobs (e.g. "gpu" / "cpu" deployments)
+    lease_ttl_s: float = 60.0  # CVPO_LEASE_TTL_S: a job whose lease is older is presumed lost
+    heartbeat_s: float = 15.0  # CVPO_HEARTBEAT_S: lease renewal and cancel-flag poll period
+    reconcile_every_s: float = 30.0  # CVPO_RECONCILE_EVERY_S: reconciler period in the API process (0 = off)
+    outbox_grace_s: float = 30.0  # CVPO_OUTBOX_GRACE_S: a queued job unsent this long is sent again
+    max_attempts_cap: int = 5  # most attempts a job spec may ask for
+    max_active_jobs_per_client: int = 8  # CVPO_MAX_ACTIVE_JOBS: non-terminal jobs per client (then 429)
+    max_queued: int = 256  # CVPO_MAX_QUEUED: queued jobs overall (then 503)
+    max_batch: int = 1024  # CVPO_MAX_BATCH: observations per /act request (then 413)
+    act_body_limit: int = 8 * MiB  # CVPO_ACT_BODY_LIMIT: bytes per /act body (then 413)
+    body_limit: int = 1 * MiB  # CVPO_BODY_LIMIT: bytes per body on other routes (then 413)
+    max_inflight: int = 128  # CVPO_MAX_INFLIGHT: concurrent requests per API process (then 503)
+    shield_hooks: str = ""  # CVPO_SHIELD_HOOKS: "name=module:function,..." projection hooks for shields
+    visibility_timeout_s: int = 49 * 3600  # longest job (48 h cap) + 1 h (service-design.md §3.2)
+    public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/livez", "/readyz"}))
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'cvpo.db').resolve()}"
+
+    @property
+    def token_file(self) -> Path:
+        return self.data_dir / "api_token"
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        d = cls()
+        auth_raw = env.get("CVPO_AUTH", "on").strip().lower()
+        if auth_raw not in ("on", "off", "1", "0", "true", "false"):
+            raise SettingsError(f"CVPO_AUTH={auth_raw!r}: use on or off")
+        public = set(d.public_paths)
+        for p in filter(None, (s.strip() for s in env.get("CVPO_PUBLIC_PATHS", "").split(","))):
+            public.add(p)
+        return cls(
+            data_dir=Path(env.get("CVPO_DATA_DIR") or d.data_dir),
+            database_url=env.get("DATABASE_URL", ""),
+            redis_url=env.get("REDIS_URL") or d.redis_url,
+            api_token=env.get("CVPO_API_TOKEN") or None,
+            host=env.get("CVPO_HOST") or d.host,
+            port=int(_num(env, "CVPO_PORT", d.port, int, 1)),
+            auth=auth_raw in ("on", "1", "true"),
+            queue=env.get("CVPO_QUEUE") or d.queue,
+            lease_ttl_s=_num(env, "CVPO_LEASE_TTL_S", d.lease_ttl_s, float, 1),
+            heartbeat_s=_num(env, "CVPO_HEARTBEAT_S", d.heartbeat_s, float, 0.1),
+            reconcile_every_s=_num(env, "CVPO_RECONCILE_EVERY_S", d.reconcile_every_s, float, 0),
+            outbox_grace_s=_num(env, "CVPO_OUTBOX_GRACE_S", d.outbox_grace_s, float, 0),
+            max_active_jobs_per_client=int(_num(env, "CVPO_MAX_ACTIVE_JOBS", d.max_active_jobs_per_client, int, 1)),
+            max_queued=int(_num(env, "CVPO_MAX_QUEUED", d.max_queued, int, 1)),
+            max_batch=int(_num(env, "CVPO_MAX_BATCH", d.max_batch, int, 1)),
+            act_body_limit=int(_num(env, "CVPO_ACT_BODY_LIMIT", d.act_body_limit, int, 1024)),
+            body_limit=int(_num(env, "CVPO_BODY_LIMIT", d.body_limit, int, 1024)),
+            max_inflight=int(_num(env, "CVPO_MAX_INFLIGHT", d.max_inflight, int, 1)),
+            shield_hooks=env.get("CVPO_SHIELD_HOOKS", ""),
+            public_paths=frozenset(public),
+        )

@@ -1,0 +1,1020 @@
+"""The job store: the single source of truth shared by the API, the worker and the reconciler.
+
+SQLAlchemy Core over SQLite (WAL, ``BEGIN IMMEDIATE`` so concurrent writers queue instead of
+failing) or PostgreSQL. Every job state change is a compare-and-set on ``(status, attempt)``
+through ``transition`` and is allowed only if it appears in ``TRANSITIONS`` (service-design.md
+§1.5); every worker write carries the attempt and the lease owner, so a stale attempt can never
+write (fencing, §3.3). Redis holds no state that is not also here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+ACTIVE = ("queued", "starting", "running", "cancelling")
+LEASED = ("starting", "running", "cancelling")
+TERMINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ACTIVE + TERMINAL
+FAILURE_REASONS = ("invalid_spec", "diverged", "oom", "timeout", "worker_lost", "internal")
+
+# The job state machine (service-design.md §1.5): the only moves ``transition`` performs.
+TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("queued", "starting"),
+        ("queued", "cancelled"),
+        ("starting", "running"),
+        ("starting", "queued"),
+        ("running", "queued"),
+        ("starting", "failed"),
+        ("running", "failed"),
+        ("running", "succeeded"),
+        ("starting", "cancelling"),
+        ("running", "cancelling"),
+        ("cancelling", "cancelled"),
+        ("cancelling", "succeeded"),
+        ("cancelling", "failed"),
+    }
+)
+
+SCOPES = ("jobs:read", "jobs:write", "policies:read", "policies:act", "metrics:read", "admin")
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(40), nullable=False, unique=True),
+    sa.Column("client", sa.String(64), nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("attempt", sa.Integer, nullable=False, default=1),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("env_id", sa.String(80), nullable=False, index=True),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("time_limit_s", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("enqueued_at", sa.Float),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("lease_owner", sa.String(200)),
+    sa.Column("lease_until", sa.Float),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("requeue_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("total_env_steps", sa.Integer, nullable=False),
+    sa.Column("env_step", sa.Integer, nullable=False, default=0),
+    sa.Column("epoch", sa.Integer, nullable=False, default=0),
+    sa.Column("steps_per_s", sa.Float),
+    sa.Column("latest", sa.JSON),
+    sa.Column("best", sa.JSON),
+    sa.Column("policy_id", sa.String(40)),
+    sa.Column("failure", sa.JSON),
+    sa.Column("run_dir", sa.String(1000), nullable=False),
+    sa.Column("event_seq", sa.Integer, nullable=False, default=0),
+)
+
+metric_points = sa.Table(
+    "metric_points",
+    metadata,
+    sa.Column("job_id", sa.String(40), primary_key=True),
+    sa.Column("epoch", sa.Integer, primary_key=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("env_step", sa.Integer, nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Column("values", sa.JSON, nullable=False),
+)
+
+checkpoints = sa.Table(
+    "checkpoints",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(40), nullable=False, unique=True),
+    sa.Column("job_id", sa.String(40), nullable=False, index=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("env_step", sa.Integer, nullable=False),
+    sa.Column("path", sa.String(1000), nullable=False),
+    sa.Column("artefact_path", sa.String(1000)),
+    sa.Column("eval_reward", sa.Float),
+    sa.Column("eval_cost", sa.Float),
+    sa.Column("feasible", sa.Boolean),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+policies = sa.Table(
+    "policies",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(40), nullable=False, unique=True),
+    sa.Column("client", sa.String(64), nullable=False, index=True),
+    sa.Column("job_id", sa.String(40), index=True),
+    sa.Column("checkpoint_id", sa.String(40)),
+    sa.Column("env_id", sa.String(80), nullable=False),
+    sa.Column("path", sa.String(1000), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("shield", sa.JSON),
+    sa.Column("meta", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("ready", sa.Boolean, nullable=False, default=True),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("job_id", sa.String(40), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+)
+
+idempotency = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("client", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("body_sha256", sa.String(64), nullable=False),
+    sa.Column("job_id", sa.String(40), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("scopes", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+kv = sa.Table(
+    "kv",
+    metadata,
+    sa.Column("key", sa.String(100), primary_key=True),
+    sa.Column("value", sa.JSON),
+)
+
+EVENTS_KEPT = 10_000
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+class StoreError(RuntimeError):
+    """Base of the store's errors a route maps to HTTP."""
+
+
+class NotFoundError(StoreError):
+    pass
+
+
+class ConflictError(StoreError):
+    pass
+
+
+class CapExceededError(StoreError):
+    """A client (429) or the whole service (503) is over its job cap."""
+
+    def __init__(self, message: str, status: int, retry_after: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class IdempotencyMismatchError(StoreError):
+    pass
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def rfc3339(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str | None) -> int | None:
+    """Opaque page token → the last seq seen. Raises ValueError for a token we did not issue."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        if not raw.startswith("s"):
+            raise ValueError
+        return int(raw[1:])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"page_token {token!r} is not one this service issued") from exc
+
+
+@dataclass
+class JobRecord:
+    id: str
+    client: str
+    status: str
+    attempt: int
+    max_attempts: int
+    env_id: str
+    spec: dict[str, Any]
+    config: dict[str, Any]
+    labels: dict[str, str]
+    time_limit_s: float
+    created_at: float
+    updated_at: float
+    enqueued_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    lease_owner: str | None
+    lease_until: float | None
+    cancel_requested: bool
+    requeue_requested: bool
+    total_env_steps: int
+    env_step: int
+    epoch: int
+    steps_per_s: float | None
+    latest: dict[str, Any] | None
+    best: dict[str, Any] | None
+    policy_id: str | None
+    failure: dict[str, Any] | None
+    run_dir: str
+    event_seq: int
+    seq: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass
+class PolicyRecord:
+    id: str
+    client: str
+    job_id: str | None
+    checkpoint_id: str | None
+    env_id: str
+    path: str
+    sha256: str
+    shield: dict[str, Any] | None
+    meta: dict[str, Any]
+    created_at: str
+    ready: bool
+    seq: int = 0
+
+
+@dataclass
+class CheckpointRecord:
+    id: str
+    job_id: str
+    attempt: int
+    epoch: int
+    env_step: int
+    path: str
+    artefact_path: str | None
+    eval_reward: float | None
+    eval_cost: float | None
+    feasible: bool | None
+    created_at: float
+
+
+@dataclass
+class Principal:
+    """Who is calling: the token's id (the "client" owning jobs and policies) and its scopes."""
+
+    token_id: str
+    scopes: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def admin(self) -> bool:
+        return "admin" in self.scopes
+
+    def allows(self, scope: str) -> bool:
+        return self.admin or scope in self.scopes
+
+
+def _job(row: Any) -> JobRecord:
+    return JobRecord(**{c: row._mapping[c] for c in JobRecord.__dataclass_fields__})
+
+
+def _policy(row: Any) -> PolicyRecord:
+    m = dict(row._mapping)
+    m["created_at"] = rfc3339(m["created_at"])
+    return PolicyRecord(**{c: m[c] for c in PolicyRecord.__dataclass_fields__})
+
+
+def _checkpoint(row: Any) -> CheckpointRecord:
+    return CheckpointRecord(**{c: row._mapping[c] for c in CheckpointRecord.__dataclass_fields__})
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # IMMEDIATE takes the write lock up front: a read-then-write CAS never fails with
+            # SQLITE_BUSY_SNAPSHOT, it waits its turn (busy_timeout) instead.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+class Store:
+    """All reads and writes of jobs, metrics, checkpoints, policies, events, keys and tokens."""
+
+    def __init__(self, url: str, data_dir: Path) -> None:
+        self.url = url
+        self.data_dir = Path(data_dir)
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return True
+        except sa.exc.SQLAlchemyError:
+            return False
+
+    # ------------------------------------------------------------------ tokens
+
+    def ensure_token(self, raw: str, name: str, scopes: Iterable[str]) -> str:
+        """Register a token (idempotent); returns its id. Only the SHA-256 is stored."""
+        digest = hash_token(raw)
+        with self.tx() as c:
+            row = c.execute(sa.select(tokens.c.id).where(tokens.c.sha256 == digest)).first()
+            if row:
+                c.execute(tokens.update().where(tokens.c.id == row.id).values(scopes=sorted(scopes)))
+                return row.id
+            tid = new_id("tok")
+            c.execute(
+                tokens.insert().values(id=tid, sha256=digest, name=name, scopes=sorted(scopes), created_at=time.time())
+            )
+            return tid
+
+    def create_token(self, name: str, scopes: Iterable[str]) -> tuple[str, str]:
+        unknown = set(scopes) - set(SCOPES)
+        if unknown:
+            raise ValueError(f"unknown scopes {sorted(unknown)}; valid: {list(SCOPES)}")
+        raw = secrets.token_urlsafe(32)
+        return self.ensure_token(raw, name, scopes), raw
+
+    def lookup_token(self, digest: str) -> Principal | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(tokens).where(tokens.c.sha256 == digest)).first()
+        return Principal(row.id, frozenset(row.scopes)) if row else None
+
+    # ------------------------------------------------------------------ events
+
+    def _event(self, c: Connection, job_id: str, type_: str, data: dict[str, Any]) -> int:
+        seq = c.execute(
+            jobs.update().where(jobs.c.id == job_id).values(event_seq=jobs.c.event_seq + 1).returning(jobs.c.event_seq)
+        ).scalar_one()
+        c.execute(events.insert().values(job_id=job_id, seq=seq, type=type_, data=data, time=time.time()))
+        if seq % 1000 == 0:
+            c.execute(events.delete().where(events.c.job_id == job_id, events.c.seq <= seq - EVENTS_KEPT))
+        return seq
+
+    def log(self, job_id: str, message: str, level: str = "info") -> None:
+        with self.tx() as c:
+            self._event(c, job_id, "log", {"level": level, "message": message})
+
+    def events_after(
+        self, job_id: str, after_seq: int, limit: int = 500, types: Iterable[str] | None = None
+    ) -> list[dict]:
+        q = sa.select(events).where(events.c.job_id == job_id, events.c.seq > after_seq)
+        if types:
+            q = q.where(events.c.type.in_(list(types)))
+        with self.engine.connect() as c:
+            rows = c.execute(q.order_by(events.c.seq).limit(limit)).all()
+        return [{"seq": r.seq, "type": r.type, "data": r.data, "time": rfc3339(r.time)} for r in rows]
+
+    # ------------------------------------------------------------------ jobs: create and read
+
+    def create_job(
+        self,
+        *,
+        client: str,
+        spec: dict[str, Any],
+        config: dict[str, Any],
+        max_attempts: int,
+        time_limit_s: float,
+        labels: dict[str, str],
+        idempotency_key: str | None = None,
+        body_sha256: str | None = None,
+        max_active_per_client: int = 8,
+        max_queued: int = 256,
+    ) -> tuple[JobRecord, bool]:
+        """Insert a queued job (outbox: ``enqueued_at`` stays null until sent). Returns (job, replayed)."""
+        now = time.time()
+        with self.tx() as c:
+            if idempotency_key is not None:
+                c.execute(idempotency.delete().where(idempotency.c.created_at < now - IDEMPOTENCY_TTL_S))
+                prior = c.execute(
+                    sa.select(idempotency).where(idempotency.c.client == client, idempotency.c.key == idempotency_key)
+                ).first()
+                if prior is not None:
+                    if prior.body_sha256 != body_sha256:
+                        raise IdempotencyMismatchError(
+                            f"Idempotency-Key {idempotency_key!r} was used with a different body"
+                        )
+                    row = c.execute(sa.select(jobs).where(jobs.c.id == prior.job_id)).first()
+                    if row is not None:
+                        return _job(row), True
+            active = c.execute(
+                sa.select(sa.func.count()).where(jobs.c.client == client, jobs.c.status.in_(ACTIVE))
+            ).scalar_one()
+            if active >= max_active_per_client:
+                raise CapExceededError(f"client has {active} unfinished jobs (cap {max_active_per_client})", 429, 30)
+            queued = c.execute(sa.select(sa.func.count()).where(jobs.c.status == "queued")).scalar_one()
+            if queued >= max_queued:
+                raise CapExceededError(f"{queued} jobs are queued (cap {max_queued}); try later", 503, 30)
+            job_id = new_id("job")
+            run_dir = self.data_dir / "jobs" / job_id
+            c.execute(
+                jobs.insert().values(
+                    id=job_id,
+                    client=client,
+                    status="queued",
+                    attempt=1,
+                    max_attempts=max_attempts,
+                    env_id=spec["env_id"],
+                    spec=spec,
+                    config=config,
+                    labels=labels,
+                    time_limit_s=time_limit_s,
+                    created_at=now,
+                    updated_at=now,
+                    cancel_requested=False,
+                    requeue_requested=False,
+                    total_env_steps=int(spec["total_env_steps"]),
+                    env_step=0,
+                    epoch=0,
+                    run_dir=str(run_dir),
+                    event_seq=0,
+                )
+            )
+            self._event(c, job_id, "status", {"status": "queued", "attempt": 1})
+            if idempotency_key is not None:
+                c.execute(
+                    idempotency.insert().values(
+                        client=client, key=idempotency_key, body_sha256=body_sha256, job_id=job_id, created_at=now
+                    )
+                )
+            return _job(c.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()), False
+
+    def get_job(self, job_id: str, client: str | None = None) -> JobRecord:
+        """The job, or NotFoundError (also for another client's job: no existence leak)."""
+        q = sa.select(jobs).where(jobs.c.id == job_id)
+        if client is not None:
+            q = q.where(jobs.c.client == client)
+        with self.engine.connect() as c:
+            row = c.execute(q).first()
+        if row is None:
+            raise NotFoundError(f"no job {job_id!r}")
+        return _job(row)
+
+    def list_jobs(
+        self,
+        *,
+        client: str | None,
+        status: str | None = None,
+        env_id: str | None = None,
+        page_size: int = 50,
+        page_token: str | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """Newest first, cursor-paged."""
+        q = sa.select(jobs)
+        if client is not None:
+            q = q.where(jobs.c.client == client)
+        if status is not None:
+            q = q.where(jobs.c.status == status)
+        if env_id is not None:
+            q = q.where(jobs.c.env_id == env_id)
+        cursor = decode_cursor(page_token)
+        if cursor is not None:
+            q = q.where(jobs.c.seq < cursor)
+        with self.engine.connect() as c:
+            rows = c.execute(q.order_by(jobs.c.seq.desc()).limit(page_size + 1)).all()
+        more = len(rows) > page_size
+        items = [_job(r) for r in rows[:page_size]]
+        return items, (_encode_cursor(items[-1].seq) if more and items else None)
+
+    def jobs_by_status(self) -> dict[str, int]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({r[0]: r[1] for r in rows})
+        return counts
+
+    def oldest_heartbeat_age(self) -> float | None:
+        """``now - min(lease_until)`` over live jobs (add the TTL for the age of the stalest renewal)."""
+        with self.engine.connect() as c:
+            row = c.execute(
+                sa.select(sa.func.min(jobs.c.lease_until)).where(jobs.c.status.in_(LEASED))
+            ).scalar_one_or_none()
+        return None if row is None else time.time() - row
+
+    def delete_job(self, job_id: str, client: str | None) -> None:
+        with self.tx() as c:
+            q = sa.select(jobs).where(jobs.c.id == job_id)
+            if client is not None:
+                q = q.where(jobs.c.client == client)
+            row = c.execute(q).first()
+            if row is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            if row.status not in TERMINAL:
+                raise ConflictError(f"job {job_id} is {row.status}; cancel it first")
+            for table in (metric_points, checkpoints, events):
+                c.execute(table.delete().where(table.c.job_id == job_id))
+            c.execute(jobs.delete().where(jobs.c.id == job_id))
+        # Policies promoted from it live on in their own directories; the run directory goes.
+        shutil.rmtree(row.run_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the state machine
+
+    def _transition(
+        self,
+        c: Connection,
+        job_id: str,
+        from_statuses: Iterable[str],
+        to: str,
+        *,
+        attempt: int | None = None,
+        owner: str | None = None,
+        values: dict[str, Any] | None = None,
+        event: dict[str, Any] | None = None,
+    ) -> bool:
+        froms = [s for s in from_statuses if (s, to) in TRANSITIONS]
+        if not froms:
+            raise ValueError(f"no transition to {to!r} from {list(from_statuses)}")
+        now = time.time()
+        vals = {"status": to, "updated_at": now, **(values or {})}
+        if to in TERMINAL:
+            vals.setdefault("finished_at", now)
+            vals.setdefault("lease_owner", None)
+            vals.setdefault("lease_until", None)
+        q = jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_(froms))
+        if attempt is not None:
+            q = q.where(jobs.c.attempt == attempt)
+        if owner is not None:
+            q = q.where(jobs.c.lease_owner == owner)
+        if c.execute(q.values(**vals)).rowcount != 1:
+            return False
+        self._event(c, job_id, "status", {"status": to, **(event or {})})
+        return True
+
+    def transition(self, job_id: str, from_statuses: Iterable[str], to: str, **kw: Any) -> bool:
+        with self.tx() as c:
+            return self._transition(c, job_id, list(from_statuses), to, **kw)
+
+    def mark_enqueued(self, job_id: str, attempt: int) -> None:
+        with self.tx() as c:
+            c.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.attempt == attempt, jobs.c.status == "queued")
+                .values(enqueued_at=time.time())
+            )
+
+    def claim(self, job_id: str, attempt: int, owner: str, ttl_s: float) -> bool:
+        """queued → starting for exactly this attempt; every duplicate message fails here (§3.3)."""
+        now = time.time()
+        with self.tx() as c:
+            return self._transition(
+                c,
+                job_id,
+                ["queued"],
+                "starting",
+                attempt=attempt,
+                values={
+                    "lease_owner": owner,
+                    "lease_until": now + ttl_s,
+                    "started_at": now,
+                    "requeue_requested": False,
+                },
+                event={"attempt": attempt, "worker": owner},
+            )
+
+    def heartbeat(self, job_id: str, attempt: int, owner: str, ttl_s: float) -> JobRecord | None:
+        """Renew the lease; None means we lost it and must stop without writing (fencing)."""
+        with self.tx() as c:
+            n = c.execute(
+                jobs.update()
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.attempt == attempt,
+                    jobs.c.lease_owner == owner,
+                    jobs.c.status.in_(LEASED),
+                )
+                .values(lease_until=time.time() + ttl_s)
+            ).rowcount
+            if n != 1:
+                return None
+            return _job(c.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
+
+    def _owned(self, c: Connection, job_id: str, attempt: int, owner: str) -> Any:
+        return c.execute(
+            sa.select(jobs).where(
+                jobs.c.id == job_id, jobs.c.attempt == attempt, jobs.c.lease_owner == owner, jobs.c.status.in_(LEASED)
+            )
+        ).first()
+
+    def begin_attempt(self, job_id: str, attempt: int, owner: str, resumed_epoch: int) -> bool:
+        """starting → running; drops metric points a lost attempt wrote after our checkpoint."""
+        with self.tx() as c:
+            if self._owned(c, job_id, attempt, owner) is None:
+                return False
+            c.execute(
+                metric_points.delete().where(metric_points.c.job_id == job_id, metric_points.c.epoch >= resumed_epoch)
+            )
+            c.execute(jobs.update().where(jobs.c.id == job_id).values(epoch=resumed_epoch, updated_at=time.time()))
+            if resumed_epoch > 0:
+                self._event(c, job_id, "attempt", {"attempt": attempt, "resumed_from_epoch": resumed_epoch})
+            job = c.execute(sa.select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one()
+            if job == "starting":
+                return self._transition(c, job_id, ["starting"], "running", attempt=attempt, owner=owner)
+            return True  # already cancelling: the loop will stop at its first epoch end
+
+    def record_epoch(self, job_id: str, attempt: int, owner: str, metrics: dict[str, Any]) -> JobRecord | None:
+        """Metric point and the job's ``latest``/progress in one transaction (§1.4); None if fenced."""
+        now = time.time()
+        with self.tx() as c:
+            if self._owned(c, job_id, attempt, owner) is None:
+                return None
+            epoch = int(metrics["epoch"])
+            c.execute(metric_points.delete().where(metric_points.c.job_id == job_id, metric_points.c.epoch >= epoch))
+            c.execute(
+                metric_points.insert().values(
+                    job_id=job_id,
+                    epoch=epoch,
+                    attempt=attempt,
+                    env_step=int(metrics["env_steps"]),
+                    time=now,
+                    values=metrics,
+                )
+            )
+            latest = latest_view(metrics)
+            best = metrics.get("best")
+            c.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(
+                    env_step=int(metrics["env_steps"]),
+                    epoch=epoch + 1,
+                    steps_per_s=metrics.get("env_steps_per_s"),
+                    latest=latest,
+                    best=best,
+                    updated_at=now,
+                )
+            )
+            self._event(c, job_id, "metrics", {"epoch": epoch, "env_step": int(metrics["env_steps"]), **latest})
+            return _job(c.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
+
+    def register_checkpoint(
+        self, job_id: str, attempt: int, owner: str, path: Path, artefact_path: Path | None, metrics: dict | None
+    ) -> str | None:
+        """Record a checkpoint written by the current attempt; None if fenced."""
+        m = metrics or {}
+        with self.tx() as c:
+            row = self._owned(c, job_id, attempt, owner)
+            if row is None:
+                return None
+            ckpt_id = new_id("ckpt")
+            c.execute(
+                checkpoints.insert().values(
+                    id=ckpt_id,
+                    job_id=job_id,
+                    attempt=attempt,
+                    epoch=int(m.get("epoch", row.epoch - 1)),
+                    env_step=int(m.get("env_steps", row.env_step)),
+                    path=str(path),
+                    artefact_path=str(artefact_path) if artefact_path else None,
+                    eval_reward=m.get("eval_return"),
+                    eval_cost=m.get("eval_cost"),
+                    feasible=m.get("feasible"),
+                    created_at=time.time(),
+                )
+            )
+            self._event(c, job_id, "checkpoint", {"checkpoint_id": ckpt_id, "env_step": int(m.get("env_steps", 0))})
+            return ckpt_id
+
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        owner: str,
+        to: str,
+        *,
+        failure: dict[str, str] | None = None,
+        policy_id: str | None = None,
+    ) -> bool:
+        """End this attempt in a terminal state (or back to ``queued`` for a graceful shutdown)."""
+        values: dict[str, Any] = {}
+        if failure is not None:
+            values["failure"] = failure
+        if policy_id is not None:
+            values["policy_id"] = policy_id
+        if to == "queued":
+            values.update({"lease_owner": None, "lease_until": None, "enqueued_at": None, "requeue_requested": False})
+        froms = {
+            "succeeded": ["running", "cancelling"],
+            "failed": LEASED,
+            "cancelled": ["cancelling"],
+            "queued": LEASED,
+        }
+        with self.tx() as c:
+            return self._transition(
+                c, job_id, froms[to], to, attempt=attempt, owner=owner, values=values, event={"failure": failure}
+            )
+
+    def request_cancel(self, job_id: str, client: str | None) -> str:
+        """Queued → cancelled now; live → cancelling (the loop stops within an epoch). Returns the status."""
+        with self.tx() as c:
+            q = sa.select(jobs).where(jobs.c.id == job_id)
+            if client is not None:
+                q = q.where(jobs.c.client == client)
+            row = c.execute(q).first()
+            if row is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            if row.status in ("cancelling", "cancelled"):
+                return row.status  # repeat cancel is idempotent
+            if row.status in TERMINAL:
+                raise ConflictError(f"job {job_id} already {row.status}")
+            if row.status == "queued":
+                self._transition(c, job_id, ["queued"], "cancelled", attempt=row.attempt)
+                return "cancelled"
+            c.execute(jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True))
+            self._transition(c, job_id, [row.status], "cancelling", attempt=row.attempt)
+            return "cancelling"
+
+    def request_requeue(self, owner_prefix: str) -> int:
+        """Ask every job leased by a shutting-down worker to checkpoint and go back to the queue."""
+        with self.tx() as c:
+            return c.execute(
+                jobs.update()
+                .where(jobs.c.status.in_(("starting", "running")), jobs.c.lease_owner.like(f"{owner_prefix}%"))
+                .values(requeue_requested=True)
+            ).rowcount
+
+    # ------------------------------------------------------------------ reconciler queries
+
+    def expired_leases(self, now: float) -> list[JobRecord]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(jobs).where(jobs.c.status.in_(LEASED), jobs.c.lease_until < now)).all()
+        return [_job(r) for r in rows]
+
+    def requeue_lost(self, job: JobRecord) -> bool:
+        """A lost attempt: back to queued with ``attempt + 1`` (CAS on the attempt we saw)."""
+        with self.tx() as c:
+            return self._transition(
+                c,
+                job.id,
+                [job.status],
+                "queued",
+                attempt=job.attempt,
+                values={
+                    "attempt": job.attempt + 1,
+                    "lease_owner": None,
+                    "lease_until": None,
+                    "enqueued_at": None,
+                },
+                event={"attempt": job.attempt + 1, "reason": "worker_lost"},
+            )
+
+    def unsent(self, created_before: float) -> list[JobRecord]:
+        """Queued jobs whose message was never handed to the broker (the outbox)."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(jobs).where(
+                    jobs.c.status == "queued", jobs.c.enqueued_at.is_(None), jobs.c.updated_at <= created_before
+                )
+            ).all()
+        return [_job(r) for r in rows]
+
+    def queued_jobs(self) -> list[JobRecord]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(jobs).where(jobs.c.status == "queued")).all()
+        return [_job(r) for r in rows]
+
+    def get_kv(self, key: str) -> Any:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(kv.c.value).where(kv.c.key == key)).scalar_one_or_none()
+
+    def set_kv(self, key: str, value: Any) -> None:
+        with self.tx() as c:
+            if c.execute(kv.update().where(kv.c.key == key).values(value=value)).rowcount == 0:
+                c.execute(kv.insert().values(key=key, value=value))
+
+    # ------------------------------------------------------------------ metrics and checkpoints
+
+    def metric_history(self, job_id: str, after_step: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        q = sa.select(metric_points).where(metric_points.c.job_id == job_id)
+        if after_step is not None:
+            q = q.where(metric_points.c.env_step > after_step)
+        with self.engine.connect() as c:
+            rows = c.execute(q.order_by(metric_points.c.epoch).limit(limit)).all()
+        return [
+            {
+                "env_step": r.env_step,
+                "epoch": r.epoch,
+                "attempt": r.attempt,
+                "time": rfc3339(r.time),
+                "values": r.values,
+            }
+            for r in rows
+        ]
+
+    def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        with self.engine.connect() as c:
+            rows = c.execute(
+                sa.select(checkpoints).where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.seq)
+            ).all()
+        return [_checkpoint(r) for r in rows]
+
+    # ------------------------------------------------------------------ policies
+
+    def promote(
+        self,
+        *,
+        job: JobRecord,
+        source: str,
+        client: str,
+        shield: dict[str, Any] | None = None,
+        validate_shield: Any = None,
+    ) -> PolicyRecord:
+        """Copy an artefact into an immutable policy directory and register it.
+
+        ``source`` is ``"best"`` (the best-feasible artefact), ``"final"`` (the newest checkpoint's)
+        or a checkpoint id. ``validate_shield(spec, meta)`` may raise to refuse a shield.
+        """
+        from cvpo.artefact import ArtefactError, load_policy  # numpy only
+
+        ckpt_id: str | None = None
+        if source == "best":
+            artefact = Path(job.run_dir) / "best_policy"
+        else:
+            ckpts = [ck for ck in self.list_checkpoints(job.id) if ck.artefact_path]
+            if source == "final":
+                if not ckpts:
+                    raise NotFoundError(f"job {job.id} has no checkpoint yet")
+                chosen = ckpts[-1]
+            else:
+                found = [ck for ck in ckpts if ck.id == source]
+                if not found:
+                    raise NotFoundError(f"job {job.id} has no checkpoint {source!r}")
+                chosen = found[0]
+            ckpt_id, artefact = chosen.id, Path(chosen.artefact_path or "")
+        if not (artefact / "policy.json").is_file():
+            raise NotFoundError(f"job {job.id} has no {source!r} policy artefact yet")
+        try:
+            runtime = load_policy(artefact)
+        except ArtefactError as exc:
+            raise ConflictError(f"artefact for {source!r} is unusable: {exc}") from exc
+        if shield is not None and validate_shield is not None:
+            validate_shield(shield, runtime.meta)
+        policy_id = new_id("pol")
+        dest = self.data_dir / "policies" / policy_id
+        tmp = dest.with_name(f".tmp-{policy_id}")
+        shutil.copytree(artefact, tmp)
+        tmp.rename(dest)
+        meta = json.loads((dest / "policy.json").read_text())
+        now = time.time()
+        with self.tx() as c:
+            c.execute(
+                policies.insert().values(
+                    id=policy_id,
+                    client=client,
+                    job_id=job.id,
+                    checkpoint_id=ckpt_id,
+                    env_id=meta["env_id"],
+                    path=str(dest),
+                    sha256=meta["weights_sha256"],
+                    shield=shield,
+                    meta=meta,
+                    created_at=now,
+                    ready=True,
+                )
+            )
+            row = c.execute(sa.select(policies).where(policies.c.id == policy_id)).one()
+        return _policy(row)
+
+    def create_policy_from_artefact(
+        self, artefact: Path, client: str, shield: dict[str, Any] | None = None, job_id: str | None = None
+    ) -> PolicyRecord:
+        """Register an artefact directory that already lies in its final place (tests, benchmarks)."""
+        meta = json.loads((Path(artefact) / "policy.json").read_text())
+        policy_id = new_id("pol")
+        with self.tx() as c:
+            c.execute(
+                policies.insert().values(
+                    id=policy_id,
+                    client=client,
+                    job_id=job_id,
+                    checkpoint_id=None,
+                    env_id=meta["env_id"],
+                    path=str(artefact),
+                    sha256=meta["weights_sha256"],
+                    shield=shield,
+                    meta=meta,
+                    created_at=time.time(),
+                    ready=True,
+                )
+            )
+            return _policy(c.execute(sa.select(policies).where(policies.c.id == policy_id)).one())
+
+    def set_job_policy(self, job_id: str, policy_id: str) -> None:
+        with self.tx() as c:
+            c.execute(jobs.update().where(jobs.c.id == job_id).values(policy_id=policy_id))
+
+    def get_policy(self, policy_id: str) -> PolicyRecord | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(policies).where(policies.c.id == policy_id)).first()
+        return _policy(row) if row else None
+
+    def set_policy_ready(self, policy_id: str, ready: bool) -> None:
+        with self.tx() as c:
+            c.execute(policies.update().where(policies.c.id == policy_id).values(ready=ready))
+
+    def list_policies(
+        self,
+        *,
+        client: str | None,
+        env_id: str | None = None,
+        job_id: str | None = None,
+        page_size: int = 50,
+        page_token: str | None = None,
+    ) -> tuple[list[PolicyRecord], str | None]:
+        q = sa.select(policies)
+        if client is not None:
+            q = q.where(policies.c.client == client)
+        if env_id is not None:
+            q = q.where(policies.c.env_id == env_id)
+        if job_id is not None:
+            q = q.where(policies.c.job_id == job_id)
+        cursor = decode_cursor(page_token)
+        if cursor is not None:
+            q = q.where(policies.c.seq < cursor)
+        with self.engine.connect() as c:
+            rows = c.execute(q.order_by(policies.c.seq.desc()).limit(page_size + 1)).all()
+        more = len(rows) > page_size
+        items = [_policy(r) for r in rows[:page_size]]
+        return items, (_encode_cursor(items[-1].seq) if more and items else None)
+
+
+def latest_view(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The job resource's ``latest`` block from one epoch's engine metrics (service-design.md §1.3)."""
+    limits = metrics.get("cost_limits") or []
+    lams = metrics.get("cost_multipliers") or []
+    return {
+        "epoch": metrics.get("epoch"),
+        "train_reward": metrics.get("train_return"),
+        "train_cost": metrics.get("train_cost"),
+        "eval_reward": metrics.get("eval_return"),
+        "eval_cost": metrics.get("eval_cost"),
+        "cost_limit": limits[0] if limits else None,
+        "cost_limits": limits,
+        "feasible": metrics.get("feasible"),
+        "lagrange_multiplier": lams[0] if lams else None,
+        "lagrange_multipliers": lams,
+        "temperature": metrics.get("temperature_last"),
+    }
