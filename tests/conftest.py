@@ -3,6 +3,7 @@ SQLite job store and the real FastAPI app (lifespan included), all on loopback w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -121,10 +122,8 @@ class WorkerProcess:
 
     def kill(self) -> None:
         for pid in self.children():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
@@ -206,8 +205,9 @@ def service(tmp_path: Path, redis_server: RedisServer) -> Iterator[Service]:
     settings = service_settings(tmp_path, redis_server.url)
     svc = Service(settings, env_for(settings), tmp_path)
     yield svc
-    for w in svc.workers:
+    for i, w in enumerate(svc.workers):
         w.kill()
+        print(f"----- worker {i} log (tail) -----\n{w.log()[-4000:]}")  # shown by pytest on failure
 
 
 @pytest.fixture

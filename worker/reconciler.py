@@ -60,7 +60,7 @@ def reconcile(store: Store, queue: JobQueue, outbox_grace_s: float = 30.0, now: 
         if previous != run_id:
             store.set_kv(RUN_ID_KEY, run_id)
     # Unsent jobs older than the grace period (younger ones are being sent by the API right now).
-    todo = store.queued_jobs() if resend_all else store.unsent(created_before=now - outbox_grace_s)
+    todo = store.queued_jobs() if resend_all else store.unsent(created_before=time.time() - outbox_grace_s)
     for job in todo:
         if queue.send(job):
             report["sent"].append(job.id)
