@@ -7,6 +7,7 @@ import asyncio
 import csv
 import hashlib
 import io
+import json
 import math
 import secrets
 from typing import Annotated, Any
@@ -92,6 +93,20 @@ def _get_job(request: Request, job_id: str, principal: Principal) -> JobRecord:
         raise Problem(404, str(exc)) from exc
 
 
+def parse_json_body(raw: bytes) -> Any:
+    """Strict JSON; NaN/Infinity literals are a 422 (they parse leniently), anything else a 400."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise Problem(400, "request body is not valid JSON") from exc
+        raise validation_problem(
+            [{"loc": ["body"], "msg": "NaN and Infinity are not allowed; numbers must be finite", "input": None}]
+        ) from exc
+
+
 def resolve_spec(spec: JobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     """The echoed spec (seed drawn if missing) and the engine's resolved TrainConfig as a dict."""
     if spec.env_id not in TASKS:
@@ -154,10 +169,7 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Response:
     raw = await request.body()
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise Problem(400, "request body is not valid JSON") from exc
+    data = parse_json_body(raw)
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
