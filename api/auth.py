@@ -24,6 +24,8 @@ from worker.store import Principal, Store, hash_token
 log = logging.getLogger("cvpo.api")
 
 LOCAL_ADMIN = Principal("local", frozenset({"admin"}))
+# Paths opened with CVPO_PUBLIC_PATHS (e.g. /metrics for a scraper) are readable without a token.
+ANONYMOUS_READER = Principal("anonymous", frozenset({"jobs:read", "policies:read", "metrics:read"}))
 
 
 def bootstrap_admin_token(settings: Settings, store: Store) -> tuple[str, str | None]:
@@ -72,6 +74,8 @@ def authenticate(request: Request) -> Principal:
     if not state.settings.auth:
         return LOCAL_ADMIN
     header = request.headers.get("authorization")
+    if not header and request.url.path in state.settings.public_paths:
+        return ANONYMOUS_READER
     if not header:
         raise Problem(401, "missing Authorization: Bearer <token> header")
     scheme, _, raw = header.partition(" ")

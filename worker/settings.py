@@ -56,6 +56,8 @@ class Settings:
     max_inflight: int = 128  # CVPO_MAX_INFLIGHT: concurrent requests per API process (then 503)
     shield_hooks: str = ""  # CVPO_SHIELD_HOOKS: "name=module:function,..." projection hooks for shields
     visibility_timeout_s: int = 49 * 3600  # longest job (48 h cap) + 1 h (service-design.md §3.2)
+    # CVPO_PUBLIC_PATHS: routes readable without a token (health probes always are; /openapi.json
+    # and /docs are public too: the schema holds no data).
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/livez", "/readyz"}))
 
     @property
