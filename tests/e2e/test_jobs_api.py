@@ -227,3 +227,34 @@ def test_openapi_documents_job_spec(api: Any) -> None:
     spec = api.get("/openapi.json").json()
     body = spec["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "env_id" in orjson.dumps(body).decode()
+
+
+def test_api_reconciler_loop_recovers_a_killed_worker(service: Service) -> None:
+    """The reconciler that ships (a loop in the API process), not a test's manual call."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from tests.conftest import TOKEN
+
+    worker = service.start_worker()
+    with TestClient(create_app(service.settings.with_(reconcile_every_s=0.5))) as client:
+        client.headers["Authorization"] = f"Bearer {TOKEN}"
+        job_id = post_job(client, {**TINY_SPEC, "total_env_steps": 3000}).json()["id"]
+        wait_until(lambda: client.get(f"/jobs/{job_id}/checkpoints").json()["items"], 120, "a checkpoint")
+        worker.kill_children()
+        job = wait_job(client, job_id, {"succeeded", "failed"}, 180)
+        assert job["status"] == "succeeded" and job["attempt"] == 2
+        assert [p["epoch"] for p in client.get(f"/jobs/{job_id}/metrics").json()["points"]] == list(range(6))
+
+
+def test_public_paths_open_read_routes_only(service: Service) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    settings = service.settings.with_(public_paths=service.settings.public_paths | {"/metrics", "/jobs"})
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/jobs").status_code == 200
+        assert_problem(client.post("/jobs", json=MINIMAL), 403)  # anonymous readers cannot write
+        assert_problem(client.get("/envs"), 401)

@@ -163,3 +163,26 @@ def test_redis_killed_run_id_change_resends_queued_jobs(service: Service, redis_
     job = wait_status(service, job_id, {"succeeded", "failed"})
     assert job.status == "succeeded" and job.attempt == 1
     assert epochs_of(service, job_id) == [0, 1, 2]
+
+
+def test_duplicate_messages_train_once(service: Service) -> None:
+    job_id = submit(service)
+    assert service.queue().send(service.store().get_job(job_id)), "a second copy of the same message"
+    worker = service.start_worker()
+    job = wait_status(service, job_id, {"succeeded", "failed"})
+    assert job.status == "succeeded" and job.attempt == 1
+    assert epochs_of(service, job_id) == [0, 1, 2]
+    wait_until(lambda: "not claimable" in worker.log(), 30, "the duplicate to fail its claim")
+    assert len(service.store().list_policies(client=None, job_id=job_id)[0]) == 1
+
+
+def test_whole_worker_killed_then_new_worker_resumes_via_reconciler(service: Service) -> None:
+    job_id = submit(service, total_env_steps=3000)
+    first = service.start_worker()
+    wait_until(lambda: len(service.store().list_checkpoints(job_id)) >= 1, 120, "a checkpoint")
+    first.kill()  # parent and child: nothing requeues the message but the reconciler
+    service.start_worker()
+    wait_until(lambda: service.reconcile()["requeued"] == [job_id], 30, "the reconciler to requeue", 0.5)
+    job = wait_status(service, job_id, {"succeeded", "failed"})
+    assert job.status == "succeeded" and job.attempt == 2
+    assert epochs_of(service, job_id) == list(range(6))
