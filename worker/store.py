@@ -524,21 +524,7 @@ class Store:
         page_token: str | None = None,
     ) -> tuple[list[JobRecord], str | None]:
         """Newest first, cursor-paged."""
-        q = sa.select(jobs)
-        if client is not None:
-            q = q.where(jobs.c.client == client)
-        if status is not None:
-            q = q.where(jobs.c.status == status)
-        if env_id is not None:
-            q = q.where(jobs.c.env_id == env_id)
-        cursor = decode_cursor(page_token)
-        if cursor is not None:
-            q = q.where(jobs.c.seq < cursor)
-        with self.engine.connect() as c:
-            rows = c.execute(q.order_by(jobs.c.seq.desc()).limit(page_size + 1)).all()
-        more = len(rows) > page_size
-        items = [_job(r) for r in rows[:page_size]]
-        return items, (_encode_cursor(items[-1].seq) if more and items else None)
+        return self._page(jobs, _job, {"client": client, "status": status, "env_id": env_id}, page_size, page_token)
 
     def jobs_by_status(self) -> dict[str, int]:
         with self.engine.connect() as c:
@@ -984,22 +970,24 @@ class Store:
         page_size: int = 50,
         page_token: str | None = None,
     ) -> tuple[list[PolicyRecord], str | None]:
-        q = sa.select(policies)
-        if client is not None:
-            q = q.where(policies.c.client == client)
-        if env_id is not None:
-            q = q.where(policies.c.env_id == env_id)
-        if job_id is not None:
-            q = q.where(policies.c.job_id == job_id)
+        filters = {"client": client, "env_id": env_id, "job_id": job_id}
+        return self._page(policies, _policy, filters, page_size, page_token)
+
+    def _page(
+        self, table: sa.Table, convert: Any, filters: dict[str, Any], page_size: int, page_token: str | None
+    ) -> tuple[list[Any], str | None]:
+        """Newest first by ``seq``; equality filters skip None; the token is the last seq returned."""
+        q = sa.select(table)
+        for column, value in filters.items():
+            if value is not None:
+                q = q.where(table.c[column] == value)
         cursor = decode_cursor(page_token)
         if cursor is not None:
-            q = q.where(policies.c.seq < cursor)
+            q = q.where(table.c.seq < cursor)
         with self.engine.connect() as c:
-            rows = c.execute(q.order_by(policies.c.seq.desc()).limit(page_size + 1)).all()
-        more = len(rows) > page_size
-        items = [_policy(r) for r in rows[:page_size]]
-        return items, (_encode_cursor(items[-1].seq) if more and items else None)
-
+            rows = c.execute(q.order_by(table.c.seq.desc()).limit(page_size + 1)).all()
+        items = [convert(r) for r in rows[:page_size]]
+        return items, (_encode_cursor(items[-1].seq) if len(rows) > page_size and items else None)
 
 def latest_view(metrics: dict[str, Any]) -> dict[str, Any]:
     """The job resource's ``latest`` block from one epoch's engine metrics (service-design.md §1.3)."""
