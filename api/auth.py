@@ -1,17 +1,18 @@
 """Bearer-token auth with scopes (service-design.md §4).
 
-Tokens are 32 random bytes; only their SHA-256 is stored. The first start writes an admin token to
-``<data_dir>/api_token`` (mode 0600) and logs only its path. Lookups are cached in memory so the
-``/act`` hot path does not touch the database after the first request of a token.
+Tokens are 32 random bytes; only their SHA-256 is stored, and lookups go by that digest (so timing
+reveals nothing about the secret itself). The first start writes an admin token to
+``<data_dir>/api_token`` (mode 0600) and logs only its path. Lookups are cached for a few seconds
+so the ``/act`` hot path rarely touches the database.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,24 +49,27 @@ def bootstrap_admin_token(settings: Settings, store: Store) -> tuple[str, str | 
 
 
 class TokenCache:
-    """digest → Principal, filled on first use. Tokens are never revoked in v1, so no expiry."""
+    """digest → Principal for a few seconds, so ``/act`` rarely touches the database and a revoked
+    token (``cvpo tokens revoke``) stops working everywhere within ``ttl_s``."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, ttl_s: float = 5.0) -> None:
         self.store = store
-        self._cache: dict[str, Principal] = {}
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[Principal, float]] = {}
         self._lock = threading.Lock()
 
     def resolve(self, raw: str) -> Principal | None:
         digest = hash_token(raw)
+        now = time.monotonic()
         hit = self._cache.get(digest)
-        if hit is not None:
-            return hit
+        if hit is not None and hit[1] > now:
+            return hit[0]
         principal = self.store.lookup_token(digest)
-        if principal is not None:
-            with self._lock:
-                self._cache[digest] = principal
-        else:
-            hmac.compare_digest(digest, digest)  # same work on a miss as on a hit
+        with self._lock:
+            if principal is None:
+                self._cache.pop(digest, None)
+            else:
+                self._cache[digest] = (principal, now + self.ttl_s)
         return principal
 
 

@@ -274,7 +274,42 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--port", type=int, help="port (default CVPO_PORT or 8000)")
         p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
         p.set_defaults(func=cmd_service, service=name)
+
+    p = sub.add_parser(
+        "tokens",
+        help="create, list and revoke API tokens",
+        description="Manage API tokens in the job store (CVPO_DATA_DIR / DATABASE_URL). A new token is "
+        "printed once; only its SHA-256 is stored. Scopes: jobs:read jobs:write policies:read "
+        "policies:act metrics:read admin. A controller gets policies:act only.",
+    )
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = tsub.add_parser("create", help="create a token and print it once")
+    t.add_argument("--name", required=True, help="who or what uses it, e.g. 'arm-controller-3'")
+    t.add_argument("--scopes", required=True, help="comma-separated scopes, e.g. policies:read,policies:act")
+    tsub.add_parser("list", help="list tokens (ids, names, scopes; never the secrets)")
+    t = tsub.add_parser("revoke", help="delete a token; API processes stop accepting it within 5 s")
+    t.add_argument("token_id")
+    p.set_defaults(func=cmd_tokens)
     return parser
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from worker.settings import Settings
+    from worker.store import Store
+
+    settings = Settings.from_env()
+    store = Store(settings.resolved_database_url, settings.data_dir)
+    if args.action == "create":
+        scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
+        token_id, raw = store.create_token(args.name, scopes)
+        print(f"{token_id} {raw}")
+        print("store the token now: it is not shown again", file=sys.stderr)
+    elif args.action == "list":
+        for t in store.list_tokens():
+            print(f"{t['id']}  {t['name']:<30}  {','.join(t['scopes']):<40}  {t['created_at']}")
+    elif not store.revoke_token(args.token_id):
+        raise CliError(f"no token {args.token_id!r} (see `cvpo tokens list`)")
+    return 0
 
 
 def cmd_service(args: argparse.Namespace) -> int:

@@ -399,6 +399,15 @@ class Store:
         raw = secrets.token_urlsafe(32)
         return self.ensure_token(raw, name, scopes), raw
 
+    def list_tokens(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(tokens).order_by(tokens.c.created_at)).all()
+        return [{"id": r.id, "name": r.name, "scopes": r.scopes, "created_at": rfc3339(r.created_at)} for r in rows]
+
+    def revoke_token(self, token_id: str) -> bool:
+        with self.tx() as c:
+            return c.execute(tokens.delete().where(tokens.c.id == token_id)).rowcount == 1
+
     def lookup_token(self, digest: str) -> Principal | None:
         with self.engine.connect() as c:
             row = c.execute(sa.select(tokens).where(tokens.c.sha256 == digest)).first()

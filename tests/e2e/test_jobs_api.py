@@ -258,3 +258,30 @@ def test_public_paths_open_read_routes_only(service: Service) -> None:
         assert client.get("/jobs").status_code == 200
         assert_problem(client.post("/jobs", json=MINIMAL), 403)  # anonymous readers cannot write
         assert_problem(client.get("/envs"), 401)
+
+
+def test_tokens_cli_create_scope_and_revoke(api: Any, service: Service) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cvpo.cli", "tokens", *args],
+            env=service.env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    created = cli("create", "--name", "arm-3", "--scopes", "policies:read,policies:act")
+    assert created.returncode == 0, created.stderr
+    token_id, raw = created.stdout.split()
+    listed = cli("list").stdout
+    assert token_id in listed and "arm-3" in listed and raw not in listed
+    auth = {"Authorization": f"Bearer {raw}"}
+    assert_problem(api.post("/jobs", json=MINIMAL, headers=auth), 403)
+    assert api.get("/policies", headers=auth).status_code == 200
+    api.app.state.tokens.ttl_s = 0.0  # the cache would otherwise honour it for up to 5 s
+    assert cli("revoke", token_id).returncode == 0
+    assert_problem(api.get("/policies", headers=auth), 401)
+    assert cli("revoke", token_id).returncode == 2
+    assert cli("create", "--name", "x", "--scopes", "bogus").returncode == 2
