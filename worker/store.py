@@ -880,7 +880,7 @@ class Store:
         """Copy an artefact into an immutable policy directory and register it.
 
         ``source`` is ``"best"`` (the best-feasible artefact), ``"final"`` (the newest checkpoint's)
-        or a checkpoint id. ``validate_shield(spec, meta)`` may raise to refuse a shield.
+        or a checkpoint id. ``validate_shield(spec, meta)`` returns the normalised spec or raises.
         """
         from cvpo.artefact import ArtefactError, load_policy  # numpy only
 
@@ -906,7 +906,7 @@ class Store:
         except ArtefactError as exc:
             raise ConflictError(f"artefact for {source!r} is unusable: {exc}") from exc
         if shield is not None and validate_shield is not None:
-            validate_shield(shield, runtime.meta)
+            shield = validate_shield(shield, runtime.meta)  # may normalise ({"type": "none"} → None)
         policy_id = new_id("pol")
         dest = self.data_dir / "policies" / policy_id
         tmp = dest.with_name(f".tmp-{policy_id}")

@@ -397,9 +397,9 @@ def promote(
 
     job = _get_job(request, body.job_id, principal)
 
-    def check(spec: dict[str, Any], meta: dict[str, Any]) -> None:
+    def check(spec: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            validate_shield_spec(spec, meta, request.app.state.settings.shield_hooks)
+            return validate_shield_spec(spec, meta, request.app.state.settings.shield_hooks)
         except ShieldSpecError as exc:
             raise validation_problem([{"loc": ["body", "shield"], "msg": str(exc), "input": spec}]) from exc
 
