@@ -1,0 +1,411 @@
+"""Generate docs/benchmarks.md from grid summaries and the curated published numbers.
+
+    .venv/bin/python bench/report.py [results/standard results/smoke ...] [--out docs/benchmarks.md]
+
+Every number in the report comes from a JSON or TOML file: ``<grid dir>/summary.json`` (written
+by bench/grid.py), ``bench/reference_results.toml`` (published numbers, each with its source and
+budget) and, when present, ``bench/results/vs_fsrl*.json`` (the side-by-side with FSRL's CVPO).
+With no grid dirs given, every ``results/*/summary.json`` is used, the largest grids first.
+
+The FSRL side-by-side hook: each ``vs_fsrl*.json`` is rendered generically — its top-level scalars
+as a list and every list of row objects as a table — so the bench that writes it decides the
+columns. Suggested row keys: task, impl ("cvpo-service" / "fsrl"), seeds, env_steps,
+eval_return and eval_cost (numbers or {"mean", "ci_low", "ci_high"}), feasible_fraction,
+wall_time_s, env_steps_per_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REFERENCE = ROOT / "bench" / "reference_results.toml"
+DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
+FSRL_GLOB = "vs_fsrl*.json"
+MIN_SEEDS, MIN_EVAL_EPISODES = 5, 10  # what issue #8 asks of a reported result
+
+
+class ReportError(Exception):
+    """A missing or malformed input file: one line for the user, exit 2."""
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def load_reference(path: Path) -> dict[str, Any]:
+    """The curated table, checked so a typo (unknown source, missing value) fails loudly here."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}") from exc
+    sources = data.get("sources", {})
+    for i, ref in enumerate(data.get("reference", [])):
+        where = f"{path}: reference #{i + 1} ({ref.get('task')}, {ref.get('method')})"
+        for key in ("task", "source", "method"):
+            if key not in ref:
+                raise ReportError(f"{where}: missing {key!r}")
+        if ref["source"] not in sources:
+            raise ReportError(f"{where}: unknown source {ref['source']!r}; known: {sorted(sources)}")
+        if "return" not in ref and "return_range" not in ref:
+            raise ReportError(f"{where}: give return or return_range")
+        if "budget_env_steps" not in ref and "budget_env_steps" not in sources[ref["source"]]:
+            raise ReportError(f"{where}: no budget_env_steps (neither on the entry nor its source)")
+    return data
+
+
+def load_summaries(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    for d in dirs:
+        path = d / "summary.json" if d.is_dir() else d
+        try:
+            out.append((path.parent, json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ReportError(f"cannot read grid summary {path}: {exc} (run bench/grid.py first)") from exc
+    return out
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def fmt_num(x: float | None) -> str:
+    """Digits by magnitude: returns span 1e-2 (costs) to 1e4 (velocity returns)."""
+    if x is None:
+        return "–"
+    ax = abs(x)
+    if ax >= 100:
+        return f"{x:,.0f}".replace(",", " ")
+    if ax >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def fmt_ci(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "–"
+    return f"{fmt_num(d['mean'])} [{fmt_num(d['ci_low'])}, {fmt_num(d['ci_high'])}]"
+
+
+def fmt_steps(n: float) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:g} M"
+    if n >= 1_000:
+        return f"{n / 1e3:g} k"
+    return f"{n:g}"
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "–"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _pub(x: float) -> str:
+    """A published number as published (no re-rounding; TOML keeps no trailing zeros)."""
+    return f"{x:g}" if abs(x) < 1e6 else f"{x:.6g}"
+
+
+def _ref_value(ref: dict[str, Any], key: str) -> str:
+    approx = "≈" if ref.get("approx") else ""
+    if f"{key}_range" in ref:
+        lo, hi = ref[f"{key}_range"]
+        return f"{approx}{_pub(lo)}–{_pub(hi)}"
+    if key not in ref:
+        return "–"
+    value = f"{approx}{_pub(ref[key])}"
+    return f"{value} ± {_pub(ref[key + '_std'])}" if f"{key}_std" in ref else value
+
+
+def _budget(ref: dict[str, Any], sources: dict[str, Any]) -> int:
+    return int(ref.get("budget_env_steps", sources[ref["source"]].get("budget_env_steps", 0)))
+
+
+def _cost_limit(ref: dict[str, Any], sources: dict[str, Any]) -> float:
+    return float(ref.get("cost_limit", sources[ref["source"]].get("cost_limit", 25)))
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
+
+
+# ------------------------------------------------------------------ sections
+
+
+def budget_sentence(task: str, ours: int, refs: list[dict[str, Any]], sources: dict[str, Any]) -> str:
+    """The honest caveat: how each reference's budget, episodes and limit differ from ours."""
+    if not refs:
+        return f"No published numbers for {task} are in bench/reference_results.toml."
+    budgets: dict[str, int] = {}
+    for ref in refs:
+        budgets.setdefault(f"{sources[ref['source']]['name']} ({ref['method']})", _budget(ref, sources))
+    by_budget: dict[int, list[str]] = {}
+    for name, b in budgets.items():
+        by_budget.setdefault(b, []).append(name)
+    if set(by_budget) == {ours}:
+        text = f"Budgets match: every reference row used {fmt_steps(ours)} env steps, as ours did."
+    else:
+        parts = []
+        for b in sorted(by_budget):
+            srcs = sorted({n.split(" (")[0] for n in by_budget[b]})
+            r = b / ours
+            times = f"{r:,.0f}".replace(",", " ") if r >= 10 else f"{r:.2g}"
+            ratio = "same as ours" if b == ours else f"{times}× ours"
+            parts.append(f"{', '.join(srcs)} {fmt_steps(b)} ({ratio})")
+        text = (
+            f"Budgets differ: our runs stopped at {fmt_steps(ours)} env steps per seed, the references used "
+            f"{'; '.join(parts)}. Rows at a larger budget show where a converged run should end up, "
+            "not a like-for-like result at ours."
+        )
+    if any(sources[r["source"]].get("episodes") == "training" for r in refs):
+        text += (
+            " FSRL's values are by-eye readings of training episodes (stochastic policy), ours are "
+            "deterministic evaluation episodes."
+        )
+    if any(_cost_limit(r, sources) != 25 for r in refs):
+        text += " Rows with another cost limit are context only: they optimise a different constraint."
+    return text
+
+
+def task_section(
+    task: str, entry: dict[str, Any], grid_name: str, grid_dir: Path, out_dir: Path, reference: dict[str, Any]
+) -> list[str]:
+    sources = reference.get("sources", {})
+    refs = [r for r in reference.get("reference", []) if r["task"] == task]
+    lines = [f"### {task}", ""]
+    if entry.get("plot"):
+        rel = os.path.relpath(grid_dir / entry["plot"], out_dir)
+        lines += [f"![{task}: eval return and cost vs env steps, grid {grid_name}]({rel})", ""]
+    ours_steps = entry.get("env_steps", {}).get("max") or entry["budget_env_steps"]
+    rows = []
+    if entry.get("n_seeds"):
+        rows.append(
+            [
+                f"**this repo, grid `{grid_name}`**",
+                "**CVPO**",
+                fmt_steps(ours_steps),
+                str(entry["n_seeds"]),
+                f"deterministic eval, {entry['eval_episodes']}/seed",
+                f"{entry['cost_limit']:g}",
+                f"**{fmt_ci(entry['eval_return'])}**",
+                f"**{fmt_ci(entry['eval_cost'])}**",
+                f"feasible {entry['feasible_seeds']}/{entry['n_seeds']} seeds; mean [95 % CI]",
+            ]
+        )
+    for ref in refs:
+        src = sources[ref["source"]]
+        rows.append(
+            [
+                src["name"],
+                ref["method"],
+                fmt_steps(_budget(ref, sources)),
+                str(src.get("seeds", "–")),
+                src.get("episodes", "–"),
+                f"{_cost_limit(ref, sources):g}",
+                _ref_value(ref, "return"),
+                _ref_value(ref, "cost"),
+                ref.get("note", ""),
+            ]
+        )
+    if rows:
+        header = ["Source", "Method", "Env steps", "Seeds", "Episodes", "Cost limit", "Return", "Cost", "Notes"]
+        lines += [*_table(header, rows), ""]
+    lines += [budget_sentence(task, ours_steps, refs, sources), ""]
+    return lines
+
+
+def grid_section(grid_dir: Path, summary: dict[str, Any], out_dir: Path, reference: dict[str, Any]) -> list[str]:
+    name = summary["grid"]
+    tasks = summary["tasks"]
+    grid_file = summary.get("grid_file", {})
+    machine = summary.get("machine", {})
+    lines = [f"## Grid `{name}`", ""]
+    if summary.get("description"):
+        lines += [f"{summary['description']}.", ""]
+    n_seeds = [t.get("n_seeds", 0) for t in tasks.values()]
+    eval_eps = [t["eval_episodes"] for t in tasks.values() if t.get("eval_episodes") is not None]
+    caveats = []
+    if min(n_seeds, default=0) < MIN_SEEDS:
+        caveats.append(f"fewer than {MIN_SEEDS} finished seeds on some task")
+    if eval_eps and min(eval_eps) < MIN_EVAL_EPISODES:
+        caveats.append(f"fewer than {MIN_EVAL_EPISODES} evaluation episodes per point")
+    runs = summary.get("runs", {})
+    if runs.get("finished", 0) < runs.get("planned", 0):
+        caveats.append(f"only {runs['finished']} of {runs['planned']} runs finished")
+    if caveats:
+        lines += [
+            f"> **Not a performance result:** {'; '.join(caveats)}. These numbers show the pipeline "
+            "works; they say nothing about how well CVPO learns.",
+            "",
+        ]
+    confidence = summary.get("confidence", 0.95)
+    overrides = json.dumps(grid_file.get("overrides", {}), separators=(", ", ": "), ensure_ascii=False)
+    lines += [
+        f"- Grid file: `{summary.get('grid_path', '?')}`; "
+        f"`.venv/bin/python bench/grid.py {summary.get('grid_path', '?')}` reproduces it.",
+        f"- Seeds {grid_file.get('seeds')}, cost limit {grid_file.get('cost_limit')}, "
+        f"engine overrides beyond each task's preset: `{overrides}`.",
+        f"- One torch thread per run on a {machine.get('cpus', '?')}-CPU {machine.get('processor', '')} host "
+        f"(torch {machine.get('torch', '?')}); summary written {summary.get('time', '?')}.",
+        f"- Final = {summary.get('final', 'last epoch')}; interval = {confidence * 100:g} % percentile bootstrap "
+        f"of the mean over seeds ({summary.get('n_resamples', '?')} resamples, seeded).",
+        "",
+    ]
+    header = [
+        "Task",
+        "Preset",
+        "Seeds",
+        "Env steps",
+        "Eval return, mean [95 % CI]",
+        "Eval cost, mean [95 % CI]",
+        "Cost ≤ limit",
+        "Wall time / run",
+        "Env steps/s / run",
+    ]
+    rows = []
+    for task, t in tasks.items():
+        if not t.get("n_seeds"):
+            rows.append([task, t.get("preset", ""), "0", "–", "no finished seed yet", "–", "–", "–", "–"])
+            continue
+        steps = t["env_steps"]
+        rows.append(
+            [
+                task,
+                t.get("preset", ""),
+                str(t["n_seeds"]),
+                fmt_steps(steps["max"]) if steps["min"] == steps["max"] else f"{steps['min']}–{steps['max']}",
+                fmt_ci(t["eval_return"]),
+                fmt_ci(t["eval_cost"]),
+                f"{t['feasible_fraction'] * 100:.0f} % ({t['feasible_seeds']}/{t['n_seeds']})",
+                fmt_duration(t["wall_time_s"]["mean"]),
+                f"{t['env_steps_per_s']:.0f}",
+            ]
+        )
+    lines += [*_table(header, rows), ""]
+    for task, t in tasks.items():
+        lines += task_section(task, t, name, grid_dir, out_dir, reference)
+    return lines
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, dict) and "mean" in value:
+        return fmt_ci(value) if "ci_low" in value else fmt_num(value["mean"])
+    if isinstance(value, bool) or value is None:
+        return "–" if value is None else str(value)
+    if isinstance(value, int | float):
+        return fmt_num(float(value)) if isinstance(value, float) else str(value)
+    if isinstance(value, list | dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def fsrl_section(paths: list[Path]) -> list[str]:
+    """The side-by-side with FSRL's CVPO, filled from whatever vs_fsrl*.json files exist."""
+    lines = ["## Side by side with FSRL's CVPO", ""]
+    if not paths:
+        return [
+            *lines,
+            "Pending: no `bench/results/vs_fsrl*.json` yet. The FSRL bench (FSRL in its own virtualenv, "
+            "reference-results.md §5) writes it; rerun `bench/report.py` and this section fills in.",
+            "",
+        ]
+    for path in paths:
+        data = json.loads(path.read_text())
+        lines += [f"### `{os.path.relpath(path, ROOT)}`", ""]
+        for key, value in data.items():
+            if isinstance(value, dict) and not any(isinstance(v, list) for v in value.values()):
+                lines.append(f"- {key}: " + ", ".join(f"{k} {_cell(v)}" for k, v in value.items()))
+            elif not isinstance(value, list):
+                lines.append(f"- {key}: {_cell(value)}")
+        lines.append("")
+        for key, value in data.items():
+            if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+                columns = list(dict.fromkeys(k for r in value for k in r))
+                lines += [f"{key}:", "", *_table(columns, [[_cell(r.get(c)) for c in columns] for r in value]), ""]
+    return lines
+
+
+def render(summaries: list[tuple[Path, dict[str, Any]]], reference: dict[str, Any], fsrl: list[Path], out: Path) -> str:
+    out_dir = out.parent
+    inputs = ", ".join(f"`{os.path.relpath(d / 'summary.json', ROOT)}`" for d, _ in summaries)
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by bench/report.py; do not edit by hand. Regenerate: .venv/bin/python bench/report.py -->",
+        "",
+        f"Generated by `bench/report.py` from {inputs} and `bench/reference_results.toml`; every number "
+        "below comes from those files. Grids run with `bench/grid.py` (README, *Benchmark grid*).",
+        "",
+        "How to read it:",
+        "",
+        "- **Final** eval return and cost: the last epoch of each seed, deterministic (mean-action) episodes "
+        "on fixed evaluation layouts; the interval is a 95 % percentile bootstrap of the mean over seeds "
+        "(with few seeds it is narrow and it can never be wider than the seeds' range).",
+        "- **Cost ≤ limit**: the fraction of seeds whose final eval cost is within the cost limit.",
+        "- **Wall time**: per run, one torch thread each, several runs sharing the host's cores.",
+        "- Published numbers: OmniSafe's ± is the std over seeds, not a confidence interval.",
+        *(f"- {note}" for note in reference.get("notes", [])),
+        "",
+        "Published sources (`bench/reference_results.toml`):",
+        "",
+        *(
+            f"- **{src['name']}**: {src['where']}; seeds: {src.get('seeds', 'not stated')}; episodes: "
+            f"{src.get('episodes', 'not stated')}; {src.get('spread', '')}."
+            for src in reference.get("sources", {}).values()
+        ),
+        "",
+    ]
+    for grid_dir, summary in summaries:
+        lines += grid_section(grid_dir, summary, out_dir, reference)
+    lines += fsrl_section(fsrl)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _grid_order(item: tuple[Path, dict[str, Any]]) -> tuple[int, str]:
+    """Largest grids (most finished seeds × steps) first: the real result leads, smoke demos follow."""
+    _, s = item
+    size = sum(t.get("n_seeds", 0) * t.get("budget_env_steps", 0) for t in s.get("tasks", {}).values())
+    return (-size, s.get("grid", ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grids", nargs="*", type=Path, help="grid result dirs (default: every results/*/)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report file (default docs/benchmarks.md)")
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, help="published numbers (TOML)")
+    parser.add_argument(
+        "--fsrl-dir", type=Path, default=ROOT / "bench" / "results", help=f"where {FSRL_GLOB} files are looked for"
+    )
+    args = parser.parse_args(argv)
+    try:
+        dirs = args.grids or sorted(p.parent for p in (ROOT / "results").glob("*/summary.json"))
+        if not dirs:
+            raise ReportError("no grid summaries: run bench/grid.py first, or name the result dirs")
+        summaries = sorted(load_summaries(dirs), key=_grid_order)
+        reference = load_reference(args.reference)
+        fsrl = sorted(args.fsrl_dir.glob(FSRL_GLOB))
+        out = args.out.resolve()
+        text = render([(d.resolve(), s) for d, s in summaries], reference, fsrl, out)
+    except ReportError as exc:
+        print(f"report: error: {exc}", file=sys.stderr)
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""bench/grid.py end to end on a tiny grid: parallel runs, skip-when-finished, Ctrl-C and resume, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from cvpo.checkpoint import list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[2]
+GRID = ROOT / "bench" / "grid.py"
+REPORT = ROOT / "bench" / "report.py"
+TASK = "SafetyPointCircle1-v0"
+
+
+def tiny_grid(path: Path, seeds: list[int], steps: int, **loop: int) -> Path:
+    """The smoke grid's engine overrides, narrowed to one task, 500-step epochs and 1 eval episode."""
+    smoke = tomllib.loads((ROOT / "bench" / "grids" / "smoke.toml").read_text())
+    overrides = smoke["overrides"]
+    overrides["loop"].update({"steps_per_epoch": 500, "eval_episodes": 1, **loop})
+    lines = [f'name = "{path.stem}"', f'tasks = ["{TASK}"]', f"seeds = {seeds}", f"total_env_steps = {steps}"]
+    lines += ["cost_limit = 25", "keep_checkpoints = 1", "[overrides]"]
+    lines += [f"{section}.{k} = {json.dumps(v)}" for section, table in overrides.items() for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_grid(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(GRID), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_grid_runs_in_parallel_skips_finished_runs_and_aggregates(tmp_path: Path) -> None:
+    grid = tiny_grid(tmp_path / "tiny.toml", seeds=[0, 1], steps=1000)
+    out = tmp_path / "out"
+    first = run_grid(grid, "--workers", "2", "--out", out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 runs, 0 finished, 0 to resume, 2 new" in first.stdout and first.stdout.count("start ") == 2
+    assert f"{TASK} s1 epoch 1: 1000/1000 steps" in first.stdout  # progress echoed from metrics.jsonl
+
+    run_dirs = [out / "runs" / f"{TASK}__s{s}" for s in (0, 1)]
+    for d in run_dirs:
+        assert (d / "policy" / "policy.json").is_file()
+        assert len(list_checkpoints(d)) == 1  # keep_checkpoints = 1 pruned the epoch-0 checkpoint
+
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["epoch"], r["env_steps"]) for r in rows] == [
+        (0, 0, 500),
+        (0, 1, 1000),
+        (1, 0, 500),
+        (1, 1, 1000),
+    ]
+    for r in rows:
+        assert r["task"] == TASK and r["eval_episodes"] == 1 and r["cost_limit"] == 25.0
+        for key in ("eval_return", "eval_cost", "train_return", "train_cost", "lambda", "wall_time_s"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), key
+        assert r["lambdas"] == [r["lambda"]]
+
+    summary = json.loads((out / "summary.json").read_text())
+    t = summary["tasks"][TASK]
+    finals = [r for r in rows if r["epoch"] == 1]
+    assert t["n_seeds"] == 2 and t["seeds"] == [0, 1] and t["budget_env_steps"] == 1000
+    assert t["eval_return"]["per_seed"] == [r["eval_return"] for r in finals]
+    assert t["eval_return"]["mean"] == pytest.approx(sum(r["eval_return"] for r in finals) / 2)
+    assert t["eval_return"]["ci_low"] <= t["eval_return"]["mean"] <= t["eval_return"]["ci_high"]
+    assert t["feasible_fraction"] == sum(r["eval_cost"] <= 25 for r in finals) / 2
+    assert t["wall_time_s"]["max"] == max(r["wall_time_s"] for r in finals)
+    width, height = png_size(out / t["plot"])
+    assert width > 500 and height > 200
+
+    # Rerun: both runs are skipped untouched, the aggregates are rebuilt.
+    mtimes = {p: p.stat().st_mtime_ns for d in run_dirs for p in (d / "metrics.jsonl", *list_checkpoints(d))}
+    (out / "summary.json").unlink()
+    second = run_grid(grid, "--workers", "2", "--out", out)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"skip {TASK} s0: finished" in second.stdout and f"skip {TASK} s1: finished" in second.stdout
+    assert "start " not in second.stdout and "resume " not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert json.loads((out / "summary.json").read_text())["tasks"][TASK]["eval_return"] == t["eval_return"]
+
+    # A changed grid file must not silently mix configs in one results dir.
+    changed = tiny_grid(tmp_path / "tiny.toml", seeds=[0, 1], steps=1500)
+    third = run_grid(changed, "--out", out)
+    assert third.returncode == 2 and "total_env_steps" in third.stderr
+
+    # The report is built from this summary.
+    report = subprocess.run(
+        [sys.executable, str(REPORT), str(out), "--out", str(tmp_path / "bench.md"), "--fsrl-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "bench.md").read_text()
+    assert "![SafetyPointCircle1-v0" in text and "out/plots/SafetyPointCircle1-v0.png" in text
+    assert "Pending: no `bench/results/vs_fsrl*.json`" in text
+
+    # Run dirs are git-ignored: on a fresh clone --report-only rebuilds from the committed runs.jsonl.
+    shutil.rmtree(out / "runs")
+    rebuilt = run_grid(tiny_grid(tmp_path / "tiny.toml", seeds=[0, 1], steps=1000), "--out", out, "--report-only")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads((out / "summary.json").read_text())["tasks"][TASK] == t
+    assert [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()] == rows
+
+
+def test_interrupted_grid_checkpoints_and_resumes(tmp_path: Path) -> None:
+    grid = tiny_grid(tmp_path / "resume.toml", seeds=[0], steps=3000)
+    out = tmp_path / "out"
+    run_dir = out / "runs" / f"{TASK}__s0"
+    proc = subprocess.Popen(
+        [sys.executable, str(GRID), str(grid), "--workers", "1", "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list_checkpoints(run_dir):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the grid ended"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)  # what a terminal Ctrl-C delivers to the grid process
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "stop at the next episode end" in output and f"stopped {TASK} s0" in output
+    assert not (run_dir / "policy").exists()
+    stopped_at = [json.loads(x)["env_steps"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert stopped_at and stopped_at[-1] < 3000
+
+    resumed = run_grid(grid, "--workers", "1", "--out", out)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resume {TASK} s0" in resumed.stdout
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["env_steps"]) for r in rows] == [(e, 500 * (e + 1)) for e in range(6)]
+    assert (run_dir / "policy" / "policy.json").is_file()
+
+
+BASE = 'tasks = ["SafetyPointCircle1-v0"]\nseeds = [0]\ntotal_env_steps = 10\ncost_limit = 25\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(BASE + "workers = 3\n", "workers", id="unknown-key"),
+        pytest.param(BASE.replace("[0]", "[0, 0]"), "repeat", id="repeated-seed"),
+        pytest.param(BASE + "[overrides]\nalgo.num_samples = 1\n", "algo.num_samples", id="bad-override"),
+        pytest.param(BASE.replace("SafetyPointCircle1-v0", "NoSuchTask-v0"), "NoSuchTask-v0", id="unknown-task"),
+        pytest.param(BASE + "[overrides]\nseed = 3\n", "seeds come from the grid", id="reserved-key"),
+    ],
+)
+def test_bad_grid_files_fail_before_any_run_starts(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = run_grid(path, "--out", tmp_path / "out")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out" / "runs").exists()
