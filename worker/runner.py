@@ -36,9 +36,10 @@ def _fenced(job_id: str, attempt: int) -> None:
 class Heartbeat(threading.Thread):
     """Renews the lease; asks the trainer to stop on cancel, requeue or the job's time limit."""
 
-    def __init__(self, store: Store, settings: Settings, job: JobRecord, owner: str, trainer: Any) -> None:
+    def __init__(self, store: Store, settings: Settings, job: JobRecord, owner: str) -> None:
         super().__init__(name=f"heartbeat-{job.id}", daemon=True)
-        self.store, self.settings, self.job, self.owner, self.trainer = store, settings, job, owner, trainer
+        self.store, self.settings, self.job, self.owner = store, settings, job, owner
+        self.trainer: Any = None  # set once built: the lease is renewed while torch and the env load
         self.deadline = time.time() + job.time_limit_s
         self.reason: str | None = None
         self.halt = threading.Event()
@@ -54,8 +55,13 @@ class Heartbeat(threading.Thread):
                 self.reason = "requeue"
             elif time.time() > self.deadline:
                 self.reason = "timeout"
-        if self.reason is not None:
+        if self.reason is not None and self.trainer is not None:
             self.trainer.request_stop()
+
+    def attach(self, trainer: Any) -> None:
+        self.trainer = trainer
+        if self.reason is not None:
+            trainer.request_stop()
 
     def run(self) -> None:
         while not self.halt.wait(self.settings.heartbeat_s):
@@ -81,6 +87,19 @@ def run_job(store: Store, queue: JobQueue, settings: Settings, job_id: str, atte
         store.finish(job_id, attempt, owner, "failed", failure={"reason": reason, "message": message[:2000]})
         return "failed"
 
+    heartbeat = Heartbeat(store, settings, job, owner)
+    heartbeat.start()
+    try:
+        return _run(store, queue, job, attempt, owner, heartbeat, fail)
+    finally:
+        heartbeat.halt.set()
+        heartbeat.join(timeout=5)
+
+
+def _run(
+    store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str, heartbeat: Heartbeat, fail: Any
+) -> str:
+    job_id = job.id
     try:
         from cvpo.config import ConfigError, config_from_dict
         from cvpo.trainer import Trainer
@@ -99,7 +118,7 @@ def run_job(store: Store, queue: JobQueue, settings: Settings, job_id: str, atte
         _fenced(job_id, attempt)
     if registered:
         store.log(job_id, f"attempt {attempt} resumes from {Path(registered[-1].path).name} (epoch {trainer.epoch})")
-    heartbeat = Heartbeat(store, settings, job, owner, trainer)
+    heartbeat.attach(trainer)
 
     def on_epoch_end(metrics: dict[str, Any]) -> None:
         _check_finite(metrics)
@@ -113,7 +132,6 @@ def run_job(store: Store, queue: JobQueue, settings: Settings, job_id: str, atte
 
     trainer.on_epoch_end.append(on_epoch_end)
     trainer.on_checkpoint.append(on_checkpoint)
-    heartbeat.start()
     try:
         result = trainer.train()
     except DivergedError as exc:
@@ -125,9 +143,6 @@ def run_job(store: Store, queue: JobQueue, settings: Settings, job_id: str, atte
             return fail("oom", str(exc))
         log.exception("job %s crashed", job_id)
         return fail("internal", f"{type(exc).__name__}: {exc}")
-    finally:
-        heartbeat.halt.set()
-        heartbeat.join(timeout=5)
 
     if not result.stopped_early:
         return _succeed(store, job, attempt, owner)

@@ -392,7 +392,7 @@ async def job_events(
 def promote(
     request: Request, body: PromoteRequest, principal: Annotated[Principal, Depends(require("jobs:write"))]
 ) -> Response:
-    from api.policy_views import policy_resource
+    from api.routes.policies import policy_resource
     from api.shield import ShieldSpecError, validate_shield_spec
 
     job = _get_job(request, body.job_id, principal)

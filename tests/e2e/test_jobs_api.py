@@ -278,9 +278,9 @@ def test_tokens_cli_create_scope_and_revoke(api: Any, service: Service) -> None:
     listed = cli("list").stdout
     assert token_id in listed and "arm-3" in listed and raw not in listed
     auth = {"Authorization": f"Bearer {raw}"}
+    api.app.state.tokens.ttl_s = 0.0  # the cache would otherwise honour a revoked token for up to 5 s
     assert_problem(api.post("/jobs", json=MINIMAL, headers=auth), 403)
     assert api.get("/policies", headers=auth).status_code == 200
-    api.app.state.tokens.ttl_s = 0.0  # the cache would otherwise honour it for up to 5 s
     assert cli("revoke", token_id).returncode == 0
     assert_problem(api.get("/policies", headers=auth), 401)
     assert cli("revoke", token_id).returncode == 2
