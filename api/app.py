@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
+from starlette.routing import Route, Router
 
 from api.act import PolicyCache
 from api.auth import TokenCache, bootstrap_admin_token
-from api.errors import install_handlers
+from api.errors import guarded, install_handlers
 from api.middleware import LimitsMiddleware
 from worker.settings import Settings
 from worker.store import Store
@@ -85,10 +86,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from api.routes import envs, health, jobs, metrics, policies
 
+    # /policies first: routing stops at the first match, and /act is the hot path.
+    app.include_router(policies.router)
     for module in (health, envs, jobs, metrics):
         app.include_router(module.router)
-    app.include_router(policies.router)
     app.include_router(jobs.promote_router)
+    act_app = Router(routes=[Route(policies.ACT_PATH, guarded(policies.act_route), methods=["POST"])])
 
     registry = CollectorRegistry()
     app.state.prometheus_registry = registry
@@ -98,5 +101,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_limit=settings.body_limit,
         act_body_limit=settings.act_body_limit,
         max_inflight=settings.max_inflight,
+        act_app=act_app,
     )
     return app

@@ -24,7 +24,8 @@ from worker.store import Principal, Store, hash_token
 
 log = logging.getLogger("cvpo.api")
 
-LOCAL_ADMIN = Principal("local", frozenset({"admin"}))
+ADMIN_CLIENT = "admin"  # the bootstrap token's client: `cvpo tokens create --client admin` shares its policies
+LOCAL_ADMIN = Principal(ADMIN_CLIENT, frozenset({"admin"}))
 # Paths opened with CVPO_PUBLIC_PATHS (e.g. /metrics for a scraper) are readable without a token.
 ANONYMOUS_READER = Principal("anonymous", frozenset({"jobs:read", "policies:read", "metrics:read"}))
 
@@ -32,7 +33,7 @@ ANONYMOUS_READER = Principal("anonymous", frozenset({"jobs:read", "policies:read
 def bootstrap_admin_token(settings: Settings, store: Store) -> tuple[str, str | None]:
     """Register the admin token. Returns (where it is, the raw token if newly generated)."""
     if settings.api_token:
-        store.ensure_token(settings.api_token, "admin (CVPO_API_TOKEN)", ["admin"])
+        store.ensure_token(settings.api_token, "admin (CVPO_API_TOKEN)", ["admin"], client=ADMIN_CLIENT)
         return "the CVPO_API_TOKEN environment variable", None
     path = settings.token_file
     created = None
@@ -44,7 +45,7 @@ def bootstrap_admin_token(settings: Settings, store: Store) -> tuple[str, str | 
             f.write(raw + "\n")
         created = raw
     raw = path.read_text().strip()
-    store.ensure_token(raw, "admin (token file)", ["admin"])
+    store.ensure_token(raw, "admin (token file)", ["admin"], client=ADMIN_CLIENT)
     return str(path.resolve()), created
 
 
@@ -106,4 +107,4 @@ def require(scope: str) -> Callable[[Request], Principal]:
 
 def owner_filter(principal: Principal) -> str | None:
     """Admins see every client's jobs and policies; others only their own."""
-    return None if principal.admin else principal.token_id
+    return None if principal.admin else principal.client

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -129,6 +129,21 @@ def validation_problem(errors: Sequence[dict[str, Any]], detail: str | None = No
         where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
         detail = f"{where}: {first['msg']}"
     return Problem(422, detail, errors=cleaned)
+
+
+def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """The same problem+json mapping for an endpoint served outside FastAPI's exception middleware."""
+
+    async def run(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except Problem as exc:
+            return problem_response(request, exc)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return problem_response(request, Problem(500, "internal error; the request id is in the server log"))
+
+    return run
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -20,8 +20,19 @@ HEALTH = ("/livez", "/readyz")
 
 
 class LimitsMiddleware:
-    def __init__(self, app: ASGIApp, *, body_limit: int, act_body_limit: int, max_inflight: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        body_limit: int,
+        act_body_limit: int,
+        max_inflight: int,
+        act_app: ASGIApp | None = None,
+    ) -> None:
         self.app = app
+        # POST /policies/{id}/act goes straight to ``act_app`` (a one-route router): the hot path
+        # skips the per-request HTTP instrumentation; its own counters live in api/act.py.
+        self.act_app = act_app
         self.body_limit = body_limit
         self.act_body_limit = act_body_limit
         self.max_inflight = max_inflight
@@ -59,6 +70,9 @@ class LimitsMiddleware:
                     await self._problem(scope, send_with_id, problem)
                     return
                 receive = _replay(body, receive)
+                if self.act_app is not None and path.endswith("/act") and path.startswith("/policies/"):
+                    await self.act_app(scope, receive, send_with_id)
+                    return
             await self.app(scope, receive, send_with_id)
         finally:
             self.inflight -= 1

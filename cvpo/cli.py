@@ -286,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("create", help="create a token and print it once")
     t.add_argument("--name", required=True, help="who or what uses it, e.g. 'arm-controller-3'")
     t.add_argument("--scopes", required=True, help="comma-separated scopes, e.g. policies:read,policies:act")
+    t.add_argument(
+        "--client",
+        help="the client whose jobs and policies the token sees (default: a new client of its own); "
+        "'admin' shares the bootstrap token's",
+    )
     tsub.add_parser("list", help="list tokens (ids, names, scopes; never the secrets)")
     t = tsub.add_parser("revoke", help="delete a token; API processes stop accepting it within 5 s")
     t.add_argument("token_id")
@@ -301,12 +306,12 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     store = Store(settings.resolved_database_url, settings.data_dir)
     if args.action == "create":
         scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
-        token_id, raw = store.create_token(args.name, scopes)
+        token_id, raw = store.create_token(args.name, scopes, args.client)
         print(f"{token_id} {raw}")
         print("store the token now: it is not shown again", file=sys.stderr)
     elif args.action == "list":
         for t in store.list_tokens():
-            print(f"{t['id']}  {t['name']:<30}  {','.join(t['scopes']):<40}  {t['created_at']}")
+            print(f"{t['id']}  {t['name']:<24}  {t['client']:<22}  {','.join(t['scopes']):<40}  {t['created_at']}")
     elif not store.revoke_token(args.token_id):
         raise CliError(f"no token {args.token_id!r} (see `cvpo tokens list`)")
     return 0

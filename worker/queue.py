@@ -7,6 +7,7 @@ logged and left for the reconciler, so the API never loses a job to a broker out
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 
@@ -21,6 +22,7 @@ class JobQueue:
         self.celery = celery
         self.store = store
         self.queue = queue
+        self.url = str(celery.conf.broker_url)
 
     def send(self, job: JobRecord) -> bool:
         """Publish ``{job_id, attempt}``; True when the broker took it. Duplicates fail the claim."""
@@ -41,26 +43,31 @@ class JobQueue:
         self.store.mark_enqueued(job.id, job.attempt)
         return True
 
+    def _redis(self) -> Any:
+        """A short-timeout client for probes: /readyz and /metrics must answer fast when Redis is down."""
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
+
     def depth(self) -> int | None:
         """Messages waiting in the queue (None when the broker is unreachable)."""
         try:
-            with self.celery.connection_for_write() as conn:
-                client = conn.default_channel.client
-                return int(client.llen(self.queue))
+            with self._redis() as r:
+                return int(r.llen(self.queue))
         except Exception:
             return None
 
     def broker_run_id(self) -> str | None:
         """Redis' run_id: it changes on every restart, which is when queued messages may be gone."""
         try:
-            with self.celery.connection_for_write() as conn:
-                return str(conn.default_channel.client.info("server")["run_id"])
+            with self._redis() as r:
+                return str(r.info("server")["run_id"])
         except Exception:
             return None
 
     def ping(self) -> bool:
         try:
-            with self.celery.connection_for_write() as conn:
-                return bool(conn.default_channel.client.ping())
+            with self._redis() as r:
+                return bool(r.ping())
         except Exception:
             return False

@@ -159,6 +159,9 @@ tokens = sa.Table(
     sa.Column("id", sa.String(40), primary_key=True),
     sa.Column("sha256", sa.String(64), nullable=False, unique=True),
     sa.Column("name", sa.String(200), nullable=False),
+    # The client owning the jobs and policies this token creates and sees; several tokens (a
+    # trainer's, a controller's act-only one) can share a client.
+    sa.Column("client", sa.String(64), nullable=False),
     sa.Column("scopes", sa.JSON, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
@@ -301,9 +304,9 @@ class CheckpointRecord:
 
 @dataclass
 class Principal:
-    """Who is calling: the token's id (the "client" owning jobs and policies) and its scopes."""
+    """Who is calling: the client owning jobs and policies, and the token's scopes."""
 
-    token_id: str
+    client: str
     scopes: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -378,7 +381,7 @@ class Store:
 
     # ------------------------------------------------------------------ tokens
 
-    def ensure_token(self, raw: str, name: str, scopes: Iterable[str]) -> str:
+    def ensure_token(self, raw: str, name: str, scopes: Iterable[str], client: str | None = None) -> str:
         """Register a token (idempotent); returns its id. Only the SHA-256 is stored."""
         digest = hash_token(raw)
         with self.tx() as c:
@@ -388,21 +391,35 @@ class Store:
                 return row.id
             tid = new_id("tok")
             c.execute(
-                tokens.insert().values(id=tid, sha256=digest, name=name, scopes=sorted(scopes), created_at=time.time())
+                tokens.insert().values(
+                    id=tid,
+                    sha256=digest,
+                    name=name,
+                    client=client or tid,
+                    scopes=sorted(scopes),
+                    created_at=time.time(),
+                )
             )
             return tid
 
-    def create_token(self, name: str, scopes: Iterable[str]) -> tuple[str, str]:
+    def create_token(self, name: str, scopes: Iterable[str], client: str | None = None) -> tuple[str, str]:
+        """A new random token; ``client`` defaults to the token's own id (a client of its own)."""
+        scopes = list(scopes)
         unknown = set(scopes) - set(SCOPES)
-        if unknown:
-            raise ValueError(f"unknown scopes {sorted(unknown)}; valid: {list(SCOPES)}")
+        if unknown or not scopes:
+            raise ValueError(f"unknown or no scopes {sorted(unknown)}; valid: {list(SCOPES)}")
+        if client is not None and not client.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"client {client!r}: use letters, digits, '-' and '_'")
         raw = secrets.token_urlsafe(32)
-        return self.ensure_token(raw, name, scopes), raw
+        return self.ensure_token(raw, name, scopes, client), raw
 
     def list_tokens(self) -> list[dict[str, Any]]:
         with self.engine.connect() as c:
             rows = c.execute(sa.select(tokens).order_by(tokens.c.created_at)).all()
-        return [{"id": r.id, "name": r.name, "scopes": r.scopes, "created_at": rfc3339(r.created_at)} for r in rows]
+        return [
+            {"id": r.id, "name": r.name, "client": r.client, "scopes": r.scopes, "created_at": rfc3339(r.created_at)}
+            for r in rows
+        ]
 
     def revoke_token(self, token_id: str) -> bool:
         with self.tx() as c:
@@ -411,7 +428,7 @@ class Store:
     def lookup_token(self, digest: str) -> Principal | None:
         with self.engine.connect() as c:
             row = c.execute(sa.select(tokens).where(tokens.c.sha256 == digest)).first()
-        return Principal(row.id, frozenset(row.scopes)) if row else None
+        return Principal(row.client, frozenset(row.scopes)) if row else None
 
     # ------------------------------------------------------------------ events
 
@@ -997,6 +1014,7 @@ class Store:
             rows = c.execute(q.order_by(table.c.seq.desc()).limit(page_size + 1)).all()
         items = [convert(r) for r in rows[:page_size]]
         return items, (_encode_cursor(items[-1].seq) if len(rows) > page_size and items else None)
+
 
 def latest_view(metrics: dict[str, Any]) -> dict[str, Any]:
     """The job resource's ``latest`` block from one epoch's engine metrics (service-design.md §1.3)."""

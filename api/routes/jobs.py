@@ -181,7 +181,7 @@ async def create_job(
     try:
         job, replayed = await asyncio.to_thread(
             store.create_job,
-            client=principal.token_id,
+            client=principal.client,
             spec=echoed,
             config=config,
             max_attempts=spec.max_attempts,
@@ -405,10 +405,11 @@ def promote(
 
     try:
         policy = _store(request).promote(
-            job=job, source=body.checkpoint_id, client=principal.token_id, shield=body.shield, validate_shield=check
+            job=job, source=body.checkpoint_id, client=principal.client, shield=body.shield, validate_shield=check
         )
     except NotFoundError as exc:
         raise Problem(404, str(exc)) from exc
     except ConflictError as exc:
         raise Problem(409, str(exc)) from exc
-    return _json(policy_resource(policy, request.app.state.settings), 201, {"Location": f"/policies/{policy.id}"})
+    view = policy_resource(policy, request.app.state.settings, request.app.state.policy_cache)
+    return _json(view, 201, {"Location": f"/policies/{policy.id}"})

@@ -73,6 +73,20 @@ def test_happy_path_trains_reports_reward_and_cost_and_promotes(api: Any, servic
     assert policy.status_code == 200, policy.text
     assert policy.json()["env_id"] == "SafetyPointCircle1-v0"
 
+    # A controller's act-only token of the same client acts; another client's sees nothing.
+    _, controller = service.store().create_token("arm", ["policies:act"], client="admin")
+    _, stranger = service.store().create_token("other", ["policies:act", "policies:read"])
+    obs = {"observations": [[0.0] * policy.json()["observation_space"]["shape"][0]] * 3}
+    acted = api.post(f"/policies/{job['policy_id']}/act", json=obs, headers={"Authorization": f"Bearer {controller}"})
+    assert acted.status_code == 200, acted.text
+    low, high = policy.json()["action_space"]["low"], policy.json()["action_space"]["high"]
+    assert all(lo <= a <= hi for row in acted.json()["actions"] for a, lo, hi in zip(row, low, high, strict=True))
+    assert acted.json()["actions"][0] == acted.json()["actions"][2], "deterministic by default"
+    export = api.get(f"/policies/{job['policy_id']}/export", headers={"Authorization": f"Bearer {controller}"})
+    assert_problem(export, 403)  # act-only tokens cannot download weights
+    foreign = api.post(f"/policies/{job['policy_id']}/act", json=obs, headers={"Authorization": f"Bearer {stranger}"})
+    assert_problem(foreign, 404)
+
     ckpts = api.get(f"/jobs/{job_id}/checkpoints").json()["items"]
     assert len(ckpts) == 3 and sum(c["is_best"] for c in ckpts) == 1
     final = api.post("/policies", json={"job_id": job_id, "checkpoint_id": "final"})
