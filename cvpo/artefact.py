@@ -101,12 +101,18 @@ class PolicyRuntime:
     def __init__(self, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         self.meta = meta
         arch = meta["architecture"]
+        # Weights stored transposed and contiguous (x @ W with no per-call transpose), in float64.
         self.trunk = [
-            (tensors[f"trunk.{i}.weight"].astype(np.float64), tensors[f"trunk.{i}.bias"].astype(np.float64))
+            (
+                np.ascontiguousarray(tensors[f"trunk.{i}.weight"].astype(np.float64).T),
+                tensors[f"trunk.{i}.bias"].astype(np.float64),
+            )
             for i in range(arch["trunk_layers"])
         ]
-        self.mean_w, self.mean_b = tensors["mean_head.weight"].astype(np.float64), tensors["mean_head.bias"]
-        self.cov_w, self.cov_b = tensors["cov_head.weight"].astype(np.float64), tensors["cov_head.bias"]
+        self.mean_w = np.ascontiguousarray(tensors["mean_head.weight"].astype(np.float64).T)
+        self.mean_b = tensors["mean_head.bias"].astype(np.float64)
+        self.cov_w = np.ascontiguousarray(tensors["cov_head.weight"].astype(np.float64).T)
+        self.cov_b = tensors["cov_head.bias"].astype(np.float64)
         self.covariance = arch["covariance"]
         self.log_std_bounds = tuple(arch["log_std_bounds"])
         self.mean_bound = arch["mean_bound"]
@@ -120,17 +126,24 @@ class PolicyRuntime:
         self.norm_std = np.sqrt(tensors["normalizer.var"] + norm["epsilon"]) if norm["present"] else None
         self.norm_clip = norm.get("clip")
 
-    def distribution_params(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean (B, d) and Cholesky factor L (B, d, d) for raw observations (B, o)."""
+    def _features(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Trunk features and the mean head's output: all a deterministic action needs."""
         x = np.asarray(obs, dtype=np.float64)
         if self.norm_mean is not None:
             x = np.clip((x - self.norm_mean) / self.norm_std, -self.norm_clip, self.norm_clip)
         for w, b in self.trunk:
-            x = np.maximum(x @ w.T + b, 0.0)
-        mean = x @ self.mean_w.T + self.mean_b
+            x = x @ w
+            x += b
+            np.maximum(x, 0.0, out=x)
+        mean = x @ self.mean_w + self.mean_b
         if self.mean_bound is not None:
             mean = self.mean_bound * np.tanh(mean)
-        raw = x @ self.cov_w.T + self.cov_b
+        return x, mean
+
+    def distribution_params(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (B, d) and Cholesky factor L (B, d, d) for raw observations (B, o)."""
+        x, mean = self._features(obs)
+        raw = x @ self.cov_w + self.cov_b
         d = self.act_dim
         tril = np.zeros((x.shape[0], d, d))
         idx = np.arange(d)
@@ -147,9 +160,9 @@ class PolicyRuntime:
         obs = np.atleast_2d(np.asarray(obs, dtype=np.float64))
         if obs.shape[1] != self.obs_dim:
             raise ValueError(f"expected observations of length {self.obs_dim}, got {obs.shape[1]}")
-        mean, tril = self.distribution_params(obs)
         if deterministic:
-            return mean
+            return self._features(obs)[1]  # the covariance head is not needed for the mean
+        mean, tril = self.distribution_params(obs)
         rng = rng or np.random.default_rng()
         return mean + (tril @ rng.standard_normal(mean.shape)[..., None])[..., 0]
 

@@ -82,10 +82,10 @@ def build_model(runtime: PolicyRuntime, shield: dict[str, Any] | None = None) ->
         z = g.op("Clip", z, g.const("norm_clip_low", -c, np.float64), g.const("norm_clip_high", c, np.float64))
         x = g.op("Cast", z, to=TensorProto.FLOAT)
     for i, (w, b) in enumerate(runtime.trunk):
-        x = g.op("Gemm", x, g.const(f"trunk_{i}_w", w, np.float32), g.const(f"trunk_{i}_b", b, np.float32), transB=1)
+        x = g.op("Gemm", x, g.const(f"trunk_{i}_w", w, np.float32), g.const(f"trunk_{i}_b", b, np.float32))
         x = g.op("Relu", x)
-    mean = g.op("Gemm", x, g.const("mean_w", runtime.mean_w, np.float32), g.const("mean_b", runtime.mean_b, np.float32),
-                transB=1)  # fmt: skip
+    # PolicyRuntime keeps weights as (in, out), so no transB.
+    mean = g.op("Gemm", x, g.const("mean_w", runtime.mean_w, np.float32), g.const("mean_b", runtime.mean_b, np.float32))
     if runtime.mean_bound is not None:
         mean = g.op("Mul", g.op("Tanh", mean), g.const("mean_bound", runtime.mean_bound, np.float32))
     one = g.const("one", 1.0, np.float32)
