@@ -40,7 +40,7 @@ class Heartbeat(threading.Thread):
         super().__init__(name=f"heartbeat-{job.id}", daemon=True)
         self.store, self.settings, self.job, self.owner = store, settings, job, owner
         self.trainer: Any = None  # set once built: the lease is renewed while torch and the env load
-        self.deadline = time.time() + job.time_limit_s
+        self.deadline = float("inf")  # the time limit counts training time, from attach()
         self.reason: str | None = None
         self.halt = threading.Event()
 
@@ -59,6 +59,7 @@ class Heartbeat(threading.Thread):
             self.trainer.request_stop()
 
     def attach(self, trainer: Any) -> None:
+        self.deadline = time.time() + self.job.time_limit_s
         self.trainer = trainer
         if self.reason is not None:
             trainer.request_stop()
