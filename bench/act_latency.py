@@ -38,6 +38,8 @@ from results_io import write_result
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.api.artefact_factory: the same synthetic artefact the API tests use
 
+from worker.service import free_port  # noqa: E402 - needs ROOT on sys.path
+
 OBS_DIM, ACT_DIM, HIDDEN = 60, 2, (256, 256)
 ADMIN_TOKEN = "bench-admin-token-not-secret"
 
@@ -170,11 +172,6 @@ def _summary(latencies: list[float], errors: int, seconds: float) -> dict[str, A
 
 # ------------------------------------------------------------------------------------- server
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup_policy(data_dir: Path) -> tuple[str, str, Path]:

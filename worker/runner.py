@@ -81,26 +81,21 @@ def _check_finite(metrics: dict[str, Any]) -> None:
 def run_job(store: Store, queue: JobQueue, settings: Settings, job_id: str, attempt: int, owner: str) -> str:
     """Train the claimed attempt to its end. Returns the outcome (the job's new status)."""
     job = store.get_job(job_id)
-
-    def fail(reason: str, message: str) -> str:
-        log.error("job %s failed (%s): %s", job_id, reason, message)
-        store.log(job_id, f"failed ({reason}): {message}", "error")
-        store.finish(job_id, attempt, owner, "failed", failure={"reason": reason, "message": message[:2000]})
-        return "failed"
-
     heartbeat = Heartbeat(store, settings, job, owner)
     heartbeat.start()
     try:
-        return _run(store, queue, job, attempt, owner, heartbeat, fail)
+        return _run(store, queue, job, attempt, owner, heartbeat)
     finally:
         heartbeat.halt.set()
         heartbeat.join(timeout=5)
 
 
-def _run(
-    store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str, heartbeat: Heartbeat, fail: Any
-) -> str:
+def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str, heartbeat: Heartbeat) -> str:
     job_id = job.id
+
+    def fail(reason: str, message: str) -> str:
+        return _fail(store, job_id, attempt, owner, reason, message)
+
     try:
         from cvpo.config import ConfigError, config_from_dict
         from cvpo.trainer import Trainer
@@ -158,6 +153,13 @@ def _run(
     if reason == "timeout":
         return fail("timeout", f"time limit of {job.time_limit_s:g} s reached; the last checkpoint is kept")
     return fail("internal", "the training loop stopped without a reason")
+
+
+def _fail(store: Store, job_id: str, attempt: int, owner: str, reason: str, message: str) -> str:
+    log.error("job %s failed (%s): %s", job_id, reason, message)
+    store.log(job_id, f"failed ({reason}): {message}", "error")
+    store.finish(job_id, attempt, owner, "failed", failure={"reason": reason, "message": message[:2000]})
+    return "failed"
 
 
 def _succeed(store: Store, job: JobRecord, attempt: int, owner: str) -> str:

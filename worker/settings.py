@@ -47,7 +47,6 @@ class Settings:
     heartbeat_s: float = 15.0  # CVPO_HEARTBEAT_S: lease renewal and cancel-flag poll period
     reconcile_every_s: float = 30.0  # CVPO_RECONCILE_EVERY_S: reconciler period in the API process (0 = off)
     outbox_grace_s: float = 30.0  # CVPO_OUTBOX_GRACE_S: a queued job unsent this long is sent again
-    max_attempts_cap: int = 5  # most attempts a job spec may ask for
     max_active_jobs_per_client: int = 8  # CVPO_MAX_ACTIVE_JOBS: non-terminal jobs per client (then 429)
     max_queued: int = 256  # CVPO_MAX_QUEUED: queued jobs overall (then 503)
     max_batch: int = 1024  # CVPO_MAX_BATCH: observations per /act request (then 413)

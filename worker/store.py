@@ -331,6 +331,24 @@ def _checkpoint(row: Any) -> CheckpointRecord:
     return CheckpointRecord(**{c: row._mapping[c] for c in CheckpointRecord.__dataclass_fields__})
 
 
+def _find_job(c: Connection, job_id: str, client: str | None) -> Any:
+    """The job's row, filtered to ``client`` unless None (admins); NotFoundError otherwise."""
+    q = sa.select(jobs).where(jobs.c.id == job_id)
+    if client is not None:
+        q = q.where(jobs.c.client == client)
+    row = c.execute(q).first()
+    if row is None:
+        raise NotFoundError(f"no job {job_id!r}")
+    return row
+
+
+def _owned_by(job_id: str, attempt: int, owner: str) -> Any:
+    """The fencing condition of every worker write: this attempt, this lease owner, still live."""
+    return sa.and_(
+        jobs.c.id == job_id, jobs.c.attempt == attempt, jobs.c.lease_owner == owner, jobs.c.status.in_(LEASED)
+    )
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -531,14 +549,8 @@ class Store:
 
     def get_job(self, job_id: str, client: str | None = None) -> JobRecord:
         """The job, or NotFoundError (also for another client's job: no existence leak)."""
-        q = sa.select(jobs).where(jobs.c.id == job_id)
-        if client is not None:
-            q = q.where(jobs.c.client == client)
         with self.engine.connect() as c:
-            row = c.execute(q).first()
-        if row is None:
-            raise NotFoundError(f"no job {job_id!r}")
-        return _job(row)
+            return _job(_find_job(c, job_id, client))
 
     def list_jobs(
         self,
@@ -569,12 +581,7 @@ class Store:
 
     def delete_job(self, job_id: str, client: str | None) -> None:
         with self.tx() as c:
-            q = sa.select(jobs).where(jobs.c.id == job_id)
-            if client is not None:
-                q = q.where(jobs.c.client == client)
-            row = c.execute(q).first()
-            if row is None:
-                raise NotFoundError(f"no job {job_id!r}")
+            row = _find_job(c, job_id, client)
             if row.status not in TERMINAL:
                 raise ConflictError(f"job {job_id} is {row.status}; cancel it first")
             for table in (metric_points, checkpoints, events):
@@ -651,25 +658,14 @@ class Store:
         """Renew the lease; None means we lost it and must stop without writing (fencing)."""
         with self.tx() as c:
             n = c.execute(
-                jobs.update()
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.attempt == attempt,
-                    jobs.c.lease_owner == owner,
-                    jobs.c.status.in_(LEASED),
-                )
-                .values(lease_until=time.time() + ttl_s)
+                jobs.update().where(_owned_by(job_id, attempt, owner)).values(lease_until=time.time() + ttl_s)
             ).rowcount
             if n != 1:
                 return None
             return _job(c.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
 
     def _owned(self, c: Connection, job_id: str, attempt: int, owner: str) -> Any:
-        return c.execute(
-            sa.select(jobs).where(
-                jobs.c.id == job_id, jobs.c.attempt == attempt, jobs.c.lease_owner == owner, jobs.c.status.in_(LEASED)
-            )
-        ).first()
+        return c.execute(sa.select(jobs).where(_owned_by(job_id, attempt, owner))).first()
 
     def begin_attempt(self, job_id: str, attempt: int, owner: str, resumed_epoch: int) -> bool:
         """starting → running; drops metric points a lost attempt wrote after our checkpoint."""
@@ -782,12 +778,7 @@ class Store:
     def request_cancel(self, job_id: str, client: str | None) -> str:
         """Queued → cancelled now; live → cancelling (the loop stops within an epoch). Returns the status."""
         with self.tx() as c:
-            q = sa.select(jobs).where(jobs.c.id == job_id)
-            if client is not None:
-                q = q.where(jobs.c.client == client)
-            row = c.execute(q).first()
-            if row is None:
-                raise NotFoundError(f"no job {job_id!r}")
+            row = _find_job(c, job_id, client)
             if row.status in ("cancelling", "cancelled"):
                 return row.status  # repeat cancel is idempotent
             if row.status in TERMINAL:
@@ -973,10 +964,6 @@ class Store:
                 )
             )
             return _policy(c.execute(sa.select(policies).where(policies.c.id == policy_id)).one())
-
-    def set_job_policy(self, job_id: str, policy_id: str) -> None:
-        with self.tx() as c:
-            c.execute(jobs.update().where(jobs.c.id == job_id).values(policy_id=policy_id))
 
     def get_policy(self, policy_id: str) -> PolicyRecord | None:
         with self.engine.connect() as c:

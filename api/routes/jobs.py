@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from api.auth import owner_filter, require
 from api.errors import Problem, json_safe, validation_problem
+from api.routes import json_response, store_of
 from api.schemas import JobSpec, PromoteRequest
 from cvpo.config import ConfigError, expand_overrides, resolve_config
 from cvpo.envs.catalogue import TASKS
@@ -30,7 +31,6 @@ from worker.store import (
     JobRecord,
     NotFoundError,
     Principal,
-    Store,
     rfc3339,
 )
 
@@ -42,10 +42,6 @@ Writer = Annotated[Principal, Depends(require("jobs:write"))]
 SPEC_FIELDS_NOT_HYPERPARAMS = ("env_id", "total_env_steps", "seed", "device", "preset")
 SSE_KEEPALIVE_S = 15.0
 SSE_POLL_S = 0.5
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(json_safe(body)), status_code=status, media_type="application/json", headers=headers)
 
 
 def job_resource(job: JobRecord) -> dict[str, Any]:
@@ -82,13 +78,9 @@ def job_resource(job: JobRecord) -> dict[str, Any]:
     }
 
 
-def _store(request: Request) -> Store:
-    return request.app.state.store
-
-
 def _get_job(request: Request, job_id: str, principal: Principal) -> JobRecord:
     try:
-        return _store(request).get_job(job_id, owner_filter(principal))
+        return store_of(request).get_job(job_id, owner_filter(principal))
     except NotFoundError as exc:
         raise Problem(404, str(exc)) from exc
 
@@ -176,7 +168,7 @@ async def create_job(
         raise validation_problem([{**e, "loc": ["body", *e["loc"]]} for e in exc.errors(include_url=False)]) from exc
     echoed, config = resolve_spec(spec)
     settings = request.app.state.settings
-    store = _store(request)
+    store = store_of(request)
     body_sha = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
     try:
         job, replayed = await asyncio.to_thread(
@@ -204,7 +196,7 @@ async def create_job(
     headers = {"Location": f"/jobs/{job.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return _json(job_resource(job), 202, headers)
+    return json_response(job_resource(job), 202, headers)
 
 
 @router.get("/jobs", summary="List jobs, newest first")
@@ -221,35 +213,35 @@ def list_jobs(
             [{"loc": ["query", "status"], "msg": f"valid: {', '.join(STATUSES)}", "input": status}]
         )
     try:
-        items, token = _store(request).list_jobs(
+        items, token = store_of(request).list_jobs(
             client=owner_filter(principal), status=status, env_id=env_id, page_size=page_size, page_token=page_token
         )
     except ValueError as exc:
         raise validation_problem([{"loc": ["query", "page_token"], "msg": str(exc), "input": page_token}]) from exc
-    return _json({"items": [job_resource(j) for j in items], "next_page_token": token})
+    return json_response({"items": [job_resource(j) for j in items], "next_page_token": token})
 
 
 @router.get("/jobs/{job_id}", summary="A job's state, progress, reward and cost", responses={404: {}})
 def get_job(request: Request, job_id: str, principal: Reader) -> Response:
-    return _json(job_resource(_get_job(request, job_id, principal)))
+    return json_response(job_resource(_get_job(request, job_id, principal)))
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a job", responses={200: {}, 202: {}, 404: {}, 409: {}})
 def cancel_job(request: Request, job_id: str, principal: Writer) -> Response:
     try:
-        status = _store(request).request_cancel(job_id, owner_filter(principal))
+        status = store_of(request).request_cancel(job_id, owner_filter(principal))
     except NotFoundError as exc:
         raise Problem(404, str(exc)) from exc
     except ConflictError as exc:
         raise Problem(409, str(exc)) from exc
     job = _get_job(request, job_id, principal)
-    return _json(job_resource(job), 200 if status == "cancelled" else 202)
+    return json_response(job_resource(job), 200 if status == "cancelled" else 202)
 
 
 @router.delete("/jobs/{job_id}", status_code=204, summary="Delete a finished job", responses={404: {}, 409: {}})
 def delete_job(request: Request, job_id: str, principal: Writer) -> Response:
     try:
-        _store(request).delete_job(job_id, owner_filter(principal))
+        store_of(request).delete_job(job_id, owner_filter(principal))
     except NotFoundError as exc:
         raise Problem(404, str(exc)) from exc
     except ConflictError as exc:
@@ -268,7 +260,7 @@ def job_metrics(
     format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
 ) -> Response:
     _get_job(request, job_id, principal)
-    points = _store(request).metric_history(job_id, after_step=after_step, limit=limit)
+    points = store_of(request).metric_history(job_id, after_step=after_step, limit=limit)
     wanted = [k for k in keys.split(",") if k] if keys else None
     if wanted is not None:
         for p in points:
@@ -284,7 +276,7 @@ def job_metrics(
             )
         return Response(out.getvalue(), media_type="text/csv")
     nxt = points[-1]["env_step"] if len(points) == limit else None
-    return _json({"points": points, "next_after_step": nxt})
+    return json_response({"points": points, "next_after_step": nxt})
 
 
 def _csv_cell(v: Any) -> Any:
@@ -312,9 +304,9 @@ def job_checkpoints(request: Request, job_id: str, principal: Reader) -> Respons
             "promotable": ck.artefact_path is not None,
             "created_at": rfc3339(ck.created_at),
         }
-        for ck in _store(request).list_checkpoints(job_id)
+        for ck in store_of(request).list_checkpoints(job_id)
     ]
-    return _json({"items": items})
+    return json_response({"items": items})
 
 
 @router.get("/jobs/{job_id}/logs", summary="A job's log lines", responses={404: {}})
@@ -326,8 +318,8 @@ def job_logs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> Response:
     _get_job(request, job_id, principal)
-    lines = _store(request).events_after(job_id, after_seq, limit, types=["log", "status"])
-    return _json({"items": lines, "next_after_seq": lines[-1]["seq"] if lines else after_seq})
+    lines = store_of(request).events_after(job_id, after_seq, limit, types=["log", "status"])
+    return json_response({"items": lines, "next_after_seq": lines[-1]["seq"] if lines else after_seq})
 
 
 @router.get(
@@ -342,7 +334,7 @@ async def job_events(
     principal: Reader,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    store = _store(request)
+    store = store_of(request)
     owner = owner_filter(principal)
     try:
         await asyncio.to_thread(store.get_job, job_id, owner)
@@ -404,7 +396,7 @@ def promote(
             raise validation_problem([{"loc": ["body", "shield"], "msg": str(exc), "input": spec}]) from exc
 
     try:
-        policy = _store(request).promote(
+        policy = store_of(request).promote(
             job=job, source=body.checkpoint_id, client=principal.client, shield=body.shield, validate_shield=check
         )
     except NotFoundError as exc:
@@ -412,4 +404,4 @@ def promote(
     except ConflictError as exc:
         raise Problem(409, str(exc)) from exc
     view = policy_resource(policy, request.app.state.settings, request.app.state.policy_cache)
-    return _json(view, 201, {"Location": f"/policies/{policy.id}"})
+    return json_response(view, 201, {"Location": f"/policies/{policy.id}"})

@@ -23,7 +23,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
@@ -39,9 +38,10 @@ from api.act import (
 )
 from api.auth import authenticate, owner_filter, require
 from api.errors import Problem, json_safe, validation_problem
+from api.routes import json_response, store_of
 from api.shield import ShieldSpecError
 from cvpo.artefact import META_FILE, WEIGHTS_FILE, ArtefactError
-from worker.store import PolicyRecord, Principal, Store
+from worker.store import PolicyRecord, Principal
 
 router = APIRouter(tags=["policies"])
 Reader = Annotated[Principal, Depends(require("policies:read"))]
@@ -249,14 +249,6 @@ def policy_resource(policy: PolicyRecord, settings: Any, cache: PolicyCache | No
     )
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
-def _store(request: Request) -> Store:
-    return request.app.state.store
-
-
 def _visible(policy: PolicyRecord | LoadedPolicy | None, principal: Principal) -> bool:
     """Another client's policy is a 404, never a 403 (no existence leak); admins see all."""
     owner = owner_filter(principal)
@@ -278,7 +270,7 @@ def _not_ready(policy_id: str, reason: str) -> Problem:
 
 
 def _get_visible(request: Request, policy_id: str, principal: Principal) -> PolicyRecord:
-    policy = _store(request).get_policy(policy_id)
+    policy = store_of(request).get_policy(policy_id)
     if policy is None or not _visible(policy, principal):
         raise _not_found(policy_id)
     return policy
@@ -302,13 +294,13 @@ def list_policies(
     page_token: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     try:
-        items, token = _store(request).list_policies(
+        items, token = store_of(request).list_policies(
             client=owner_filter(principal), env_id=env_id, job_id=job_id, page_size=page_size, page_token=page_token
         )
     except ValueError as exc:
         raise validation_problem([{"loc": ["query", "page_token"], "msg": str(exc), "input": page_token}]) from exc
     state = request.app.state
-    return _json(
+    return json_response(
         {"items": [policy_resource(p, state.settings, state.policy_cache) for p in items], "next_page_token": token}
     )
 
@@ -321,7 +313,9 @@ def list_policies(
 )
 def get_policy(request: Request, policy_id: str, principal: Reader) -> Response:
     state = request.app.state
-    return _json(policy_resource(_get_visible(request, policy_id, principal), state.settings, state.policy_cache))
+    return json_response(
+        policy_resource(_get_visible(request, policy_id, principal), state.settings, state.policy_cache)
+    )
 
 
 async def _load(request: Request, policy_id: str, principal: Principal) -> LoadedPolicy:
@@ -464,7 +458,7 @@ def export_policy(
         raise validation_problem([{"loc": ["query", "format"], "msg": str(exc), "input": format}]) from exc
     except (ArtefactError, PolicyNotReadyError, OSError) as exc:
         request.app.state.policy_cache.mark_not_ready(policy_id, str(exc))
-        _store(request).set_policy_ready(policy_id, False)
+        store_of(request).set_policy_ready(policy_id, False)
         raise _not_ready(policy_id, str(exc)) from exc
     return Response(
         data,
