@@ -1,8 +1,10 @@
 """Training throughput: ms per update (critic, E-step, M-step) and end-to-end env-steps/s.
 
-Part 1 times the learner's phases on synthetic minibatches (B=256, 256×256 nets) for
-K ∈ {16, 32, 64}; part 2 runs the real trainer for a short budget per task and reports
-env-steps/s end to end. Writes JSON; compare ratios within one run, absolute times are noisy.
+Part 1 times the learner's phases (its own timers: critic, E-step sampling and scoring, dual solve
+and weights, M-step, targets) on synthetic minibatches (B=256, 256×256 nets) for K ∈ {16, 32, 64};
+part 2 runs the real trainer for a short budget per task and reports env-steps/s end to end. Writes
+JSON; compare ratios within one run, absolute times are noisy. The comparison with FSRL's CVPO is
+bench/vs_fsrl.py.
 
     .venv/bin/python bench/train_throughput.py [--steps 3000] [--out bench/results/train_throughput.json]
 """
@@ -20,9 +22,7 @@ import torch
 from results_io import write_result
 
 from cvpo.config import resolve_config
-from cvpo.estep import estep_weights, solve_dual
-from cvpo.learner import Learner, MinibatchTensors, sample_actions
-from cvpo.mstep import gaussian_kl_terms, mstep_loss, weighted_mle
+from cvpo.learner import TIMED_PHASES, Learner, MinibatchTensors
 from cvpo.trainer import Trainer
 
 TASKS = ("SafetyPointCircle1-v0", "SafetyPointGoal1-v0")
@@ -41,13 +41,13 @@ def synthetic_batch(obs_dim: int, act_dim: int, batch: int) -> MinibatchTensors:
     )
 
 
-def time_phases(task: str, k: int, batch: int, repeats: int) -> dict[str, float]:
-    """Per-phase ms of one update, mirroring Learner.update step by step."""
+def time_phases(task: str, k: int, batch: int, repeats: int, hidden: int = 256) -> dict[str, float]:
+    """Per-phase ms of one ``Learner.update`` (the learner's own timers), median over ``repeats``."""
     cfg = resolve_config(
         {
             "env_id": task,
             "algo": {"num_samples": k, "batch_size": batch},
-            "network": {"actor_hidden": [256, 256], "critic_hidden": [256, 256]},
+            "network": {"actor_hidden": [hidden, hidden], "critic_hidden": [hidden, hidden]},
         }
     )
     from cvpo.envs import get_task
@@ -55,43 +55,16 @@ def time_phases(task: str, k: int, batch: int, repeats: int) -> dict[str, float]
     info = get_task(task)
     learner = Learner(cfg, info.obs_dim, info.act_dim, np.array([1.0]), torch.device("cpu"))
     b = synthetic_batch(info.obs_dim, info.act_dim, batch)
-    a = cfg.algo
-    times: dict[str, list[float]] = {
-        "critic": [],
-        "estep_sample_score": [],
-        "estep_solve": [],
-        "mstep": [],
-        "total_update": [],
-    }
-    for i in range(repeats + 3):
-        t0 = time.perf_counter()
-        learner.critic_step(b)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            mean_old, tril_old = learner.actor_old(b.obs)
-            samples = sample_actions(mean_old, tril_old, k)
-            obs_k = b.obs.unsqueeze(0).expand(k, *b.obs.shape)
-            q_r = learner.reward_target(obs_k, samples).min(dim=0).values
-            q_c = learner.cost_target(obs_k, samples)
-        q_r_np, q_c_np = q_r.T.double().numpy(), q_c.transpose(1, 2).double().numpy()
-        t2 = time.perf_counter()
-        sol = solve_dual(q_r_np, q_c_np, learner.thresholds, a.kl_bound, learner.temperature, learner.cost_multipliers)
-        learner.temperature, learner.cost_multipliers = sol.temperature, sol.cost_multipliers
-        w = torch.as_tensor(estep_weights(q_r_np, q_c_np, sol.temperature, sol.cost_multipliers), dtype=torch.float32)
-        t3 = time.perf_counter()
-        mean_new, tril_new = learner.actor(b.obs)
-        mle = weighted_mle(samples.transpose(0, 1), w, mean_old, tril_old, mean_new, tril_new)
-        c_mu, c_sigma = gaussian_kl_terms(mean_old, tril_old, mean_new, tril_new)
-        loss = mstep_loss(mle, c_mu, c_sigma, 0.1, 0.1, a.mean_kl_bound, a.cov_kl_bound)
-        learner.actor_opt.zero_grad()
-        loss.backward()
-        learner.actor_opt.step()
-        t4 = time.perf_counter()
+    for _ in range(3):  # warm-up
         learner.update(b)
-        t5 = time.perf_counter()
-        if i >= 3:  # warm-up iterations excluded
-            for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-                times[key].append(dt * 1e3)
+    times: dict[str, list[float]] = {key: [] for key in (*TIMED_PHASES, "total_update")}
+    for _ in range(repeats):
+        learner.timings = {}
+        t0 = time.perf_counter()
+        learner.update(b)
+        times["total_update"].append((time.perf_counter() - t0) * 1e3)
+        for key in TIMED_PHASES:
+            times[key].append(learner.timings.get(key, 0.0) * 1e3)
     return {f"{key}_ms": float(np.median(v)) for key, v in times.items()}
 
 

@@ -53,6 +53,9 @@ class NetworkConfig:
     critic_hidden: tuple[int, ...] = (256, 256)
     covariance: str = "diag"  # "diag" (default) or "cholesky" (full covariance)
     mean_bound: float | None = None  # None: unbounded mean (FSRL's safety-gymnasium setting)
+    # 2: a reward critic pair combined with a min (the paper's code, §4.3); 1: a single reward critic
+    # (FSRL's default, double_critic=False), a third fewer critic FLOPs in the critic step and E-step.
+    reward_critics: int = 2
 
 
 @dataclass
@@ -83,6 +86,9 @@ class AlgoConfig:
     dual_upper: float = 1e5
     dual_max_iter: int = 30
     reset_dual_on_saturation: bool = False
+    # Projected Newton steps tried from the previous (η, λ) before L-BFGS-B; kept only if they meet the
+    # same optimality test, so the solution is the same to the solver's tolerance. 0 = L-BFGS-B only.
+    dual_newton_steps: int = 4
 
 
 @dataclass
@@ -307,6 +313,7 @@ def validate(c: TrainConfig) -> None:
         f"must be diag or cholesky, got {n.covariance!r}",
     )
     _check(n.mean_bound is None or n.mean_bound > 0, "network.mean_bound", "must be > 0 or null")
+    _check(n.reward_critics in (1, 2), "network.reward_critics", f"must be 1 or 2, got {n.reward_critics}")
 
     a = c.algo
     _check(0 < a.gamma < 1, "algo.gamma", f"must be in (0, 1), got {a.gamma}")
@@ -343,6 +350,7 @@ def validate(c: TrainConfig) -> None:
     _check(a.pi_old in ("polyak", "phase"), "algo.pi_old", f"must be polyak or phase, got {a.pi_old!r}")
     _check(0 < a.dual_lower < a.dual_upper, "algo.dual_lower", "need 0 < dual_lower < dual_upper")
     _check(a.dual_max_iter >= 1, "algo.dual_max_iter", "must be ≥ 1")
+    _check(0 <= a.dual_newton_steps <= 20, "algo.dual_newton_steps", "must be in [0, 20]")
 
     lp = c.loop
     _check(lp.steps_per_epoch >= 1, "loop.steps_per_epoch", "must be ≥ 1")

@@ -34,6 +34,9 @@ _ACCEPT_TOL = 1e-7  # residual at which a solve counts as converged (``success``
 _LIFT_TOL = 1e-6  # a coordinate whose linear gradient says "increase" by more than this ...
 _LIFT_GAP = 3.0  # ... while it sits more than e^3 ≈ 20× below its natural scale is lifted on restart
 _MAX_RESTARTS = 4
+# Newton warm path: largest step per log coordinate (a factor e^2) and backtracking halvings.
+_NEWTON_MAX_STEP = 2.0
+_NEWTON_BACKTRACKS = 8
 # λ_i within this relative distance of the upper bound counts as saturated (P2).
 _SATURATION_RTOL = 1e-6
 
@@ -138,6 +141,29 @@ def _evaluate(
     lin = float(lam[finite] @ cbar[finite])
     value = eta * eps + lin + float(M.mean()) + eta * (mean_lse - log_k)
     return _Eval(value=value, grad_eta=eps - kl, grad_lam=cbar - wc, mean_kl=kl, weighted_cost=wc)
+
+
+def _hessian(eta: float, lam: np.ndarray, qr: np.ndarray, qc2: np.ndarray) -> np.ndarray:
+    """∂²g in linear (η, λ) (§2.2): batch means of Var_w(A)/η³, Cov_w(A, Q_c^i)/η², Cov_w(Q_c^i, Q_c^k)/η.
+
+    ``qc2`` is Q_c reshaped to (m, B·K). One pass of weighted moments, (1 + m) × (1 + m).
+    """
+    B, K = qr.shape
+    m = qc2.shape[0]
+    A = _advantages(qr, qc2, lam)
+    z = A - A.max(axis=1, keepdims=True)
+    z /= eta
+    w = np.exp(z)
+    w /= w.sum(axis=1, keepdims=True)
+    v = np.empty((1 + m, B, K))
+    v[0] = A
+    v[1:] = qc2.reshape(m, B, K)
+    v -= np.einsum("bk,ibk->ib", w, v)[:, :, None]  # centred per state under w
+    wv = v * w  # (1 + m, B, K)
+    cov = np.einsum("ibk,jbk->ij", wv, v) / B
+    scale = np.empty(1 + m)
+    scale[0], scale[1:] = 1.0 / eta, 1.0
+    return cov * np.outer(scale, scale) / eta
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,6 +286,7 @@ def solve_dual(
     bounds: tuple[float, float] = (1e-6, 1e5),
     max_iter: int = 50,
     reset_on_saturation: bool = False,
+    newton_steps: int = 0,
 ) -> DualSolution:
     """Solve the E-step dual with the recommended solver (cvpo-algorithm.md §2.5).
 
@@ -283,6 +310,12 @@ def solve_dual(
       optimality condition (|ε − KL| and |c̄_i − weighted cost_i| relative to Q_c's per-state spread)
       to 1e-7; ``False`` alone is not a failure (§2.5 step 5).
 
+    - ``newton_steps > 0``: first try that many projected Newton steps (analytic Hessian, backtracking)
+      from the warm start, accepted only when they pass the same ``success`` test; otherwise the
+      L-BFGS-B solve runs from the warm start as without them. In training the optimum moves little
+      between minibatches, so two or three Newton steps replace ~10 L-BFGS-B iterations and their
+      SciPy overhead (~0.1 ms instead of 1–10 ms); ``iterations`` counts both kinds.
+
     Inputs may be float32; everything is computed in float64 and nothing is written into them. The
     rewards are centred per state internally, which leaves (η*, λ*) unchanged (§9 I6) and keeps g at
     full precision when Q is large.
@@ -294,6 +327,8 @@ def solve_dual(
         raise ValueError(f"bounds must satisfy 0 < lo < hi < inf, got {bounds!r}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    if int(newton_steps) < 0:
+        raise ValueError(f"newton_steps must be >= 0, got {newton_steps!r}")
     eta0 = float(init_temperature)
     lam0 = (
         np.full(m, lo)
@@ -371,19 +406,12 @@ def solve_dual(
         ev = evaluate(x)
         return ev.value / scale, linear_grad(ev) * np.exp(x) / scale
 
-    x = np.concatenate(([math.log(eta0)], np.log(lam0[free])))
-    nit, restarts, converged, message = 0, 0, False, ""
-    while True:
-        res = _minimize(objective, x, [(log_lo, log_hi)] * x.size, int(max_iter) - nit)
-        nit += int(res.nit)
-        message = str(res.message)
-        x = np.clip(res.x, log_lo, log_hi)
-        if not np.isfinite(x).all():
-            break
+    def check(x: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray] | None:
+        """(converged, stalled, linear gradient) at x, or None if the gradient is not finite."""
         ev = evaluate(x)
         g_lin = linear_grad(ev)
         if not np.isfinite(g_lin).all():
-            break
+            return None
         # Per coordinate, in dimensionless units: the log-space gradient (the effect on g) and the
         # linear gradient at the natural scale (≈ ε − KL, and the weighted-cost error over Q_c's spread).
         g_log = g_lin * np.exp(x) / scale
@@ -393,7 +421,64 @@ def solve_dual(
         residual[(at_lo & (g_lin > 0.0)) | (at_hi & (g_lin < 0.0))] = 0.0
         # Stalled far below the natural scale although the linear gradient says "increase" (§2.5).
         stalled = (x < natural - _LIFT_GAP) & (g_nat < -_LIFT_TOL)
-        converged = bool(residual.max() <= _ACCEPT_TOL) and not stalled.any()
+        return bool(residual.max() <= _ACCEPT_TOL) and not stalled.any(), stalled, g_lin
+
+    def newton(x: np.ndarray) -> tuple[np.ndarray | None, int]:
+        """Projected Newton steps in log space; (solution, steps) if it passes ``check``, else (None, steps)."""
+        for step in range(int(newton_steps) + 1):
+            state = check(x)
+            if state is None:
+                return None, step
+            done, stalled, g_lin = state
+            if done:
+                return x, step
+            if stalled.any() or step == int(newton_steps):
+                return None, step
+            p = np.exp(x)
+            eta, lam = unpack(x)
+            h_lin = _hessian(eta, lam, qr, qc2)[np.ix_(keep, keep)]
+            hess = (p[:, None] * p[None, :] * h_lin + np.diag(p * g_lin)) / scale
+            grad = g_lin * p / scale
+            at_lo, at_hi = x <= log_lo + 1e-12, x >= log_hi - 1e-12
+            move = ~((at_lo & (grad > 0.0)) | (at_hi & (grad < 0.0)))  # bound-held coordinates stay put
+            direction = np.zeros_like(x)
+            try:
+                direction[move] = -np.linalg.solve(hess[np.ix_(move, move)], grad[move])
+            except np.linalg.LinAlgError:
+                return None, step
+            slope = float(grad @ direction)
+            if not (np.isfinite(direction).all() and slope < 0.0):
+                return None, step  # not a descent direction (Hessian not positive definite here)
+            direction = np.clip(direction, -_NEWTON_MAX_STEP, _NEWTON_MAX_STEP)
+            f0, t = evaluate(x).value / scale, 1.0
+            for _ in range(_NEWTON_BACKTRACKS):
+                trial = np.clip(x + t * direction, log_lo, log_hi)
+                if evaluate(trial).value / scale <= f0 + 1e-4 * t * slope:
+                    break
+                t *= 0.5
+            else:
+                return None, step
+            x = trial
+        return None, int(newton_steps)
+
+    keep = np.concatenate(([0], 1 + free))  # η and the free λ_i, in Hessian index order
+    x = np.concatenate(([math.log(eta0)], np.log(lam0[free])))
+    nit, restarts, converged, message = 0, 0, False, ""
+    if newton_steps > 0:
+        x_newton, nit = newton(x)
+        if x_newton is not None:
+            x, converged, message = x_newton, True, f"converged in {nit} Newton step(s)"
+    while not converged:
+        res = _minimize(objective, x, [(log_lo, log_hi)] * x.size, int(max_iter) - nit)
+        nit += int(res.nit)
+        message = str(res.message)
+        x = np.clip(res.x, log_lo, log_hi)
+        if not np.isfinite(x).all():
+            break
+        state = check(x)
+        if state is None:
+            break
+        converged, stalled, _ = state
         if converged or nit >= max_iter or restarts >= _MAX_RESTARTS:
             break
         x = np.where(stalled, natural, x)

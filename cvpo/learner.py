@@ -7,6 +7,7 @@ environment-agnostic: it sees normalised observation tensors and n-step targets,
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,15 @@ from torch import nn
 
 from cvpo.config import TrainConfig
 from cvpo.estep import estep_weights, solve_dual
-from cvpo.mstep import gaussian_kl_terms, mstep_loss, project_multiplier, weighted_mle
-from cvpo.nets import EnsembleCritic, GaussianActor, polyak_update
+from cvpo.mstep import (
+    gaussian_kl_terms,
+    gaussian_kl_terms_diag,
+    mstep_loss,
+    project_multiplier,
+    weighted_mle,
+    weighted_mle_diag,
+)
+from cvpo.nets import EnsembleCritic, GaussianActor, joint_forward, polyak_update
 
 
 @dataclass
@@ -40,6 +48,17 @@ def sample_actions(mean: torch.Tensor, tril: torch.Tensor, n: int | None = None)
     return mean + (tril @ z.unsqueeze(-1)).squeeze(-1)
 
 
+def sample_actions_diag(mean: torch.Tensor, std: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """:func:`sample_actions` for L = diag(σ): mean + σ·z, the same draw of z and the same numbers."""
+    shape = mean.shape if n is None else (n, *mean.shape)
+    z = torch.randn(shape, dtype=mean.dtype, device=mean.device)
+    return torch.addcmul(mean, std, z)
+
+
+# Learner phases timed when ``Learner.timings`` is a dict (benchmarks); keys are seconds summed.
+TIMED_PHASES = ("critic", "estep_score", "estep_solve", "mstep", "targets")
+
+
 class Learner:
     def __init__(
         self,
@@ -58,19 +77,24 @@ class Learner:
             obs_dim, act_dim, n.actor_hidden, covariance=n.covariance, mean_bound=n.mean_bound
         ).to(device)
         self.actor_old = copy.deepcopy(self.actor).requires_grad_(False)
-        self.reward_critic = EnsembleCritic(obs_dim, act_dim, 2, n.critic_hidden).to(device)
+        self.reward_critic = EnsembleCritic(obs_dim, act_dim, n.reward_critics, n.critic_hidden).to(device)
         self.cost_critic = EnsembleCritic(obs_dim, act_dim, self.m, n.critic_hidden).to(device)
         self.reward_target = copy.deepcopy(self.reward_critic).requires_grad_(False)
         self.cost_target = copy.deepcopy(self.cost_critic).requires_grad_(False)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=a.actor_lr)
+        # Fused Adam: one kernel over all tensors instead of ~10 ops per tensor (3.5× cheaper steps on CPU).
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=a.actor_lr, fused=True)
         self.critic_opt = torch.optim.Adam(
-            [*self.reward_critic.parameters(), *self.cost_critic.parameters()], lr=a.critic_lr
+            [*self.reward_critic.parameters(), *self.cost_critic.parameters()], lr=a.critic_lr, fused=True
         )
         self.temperature = 1.0  # η (§2.5 step 4: first solve from η = 1, λ at the floor)
         self.cost_multipliers = np.full(self.m, a.dual_lower)  # λ
         self.alpha_mean = 0.0  # α_μ
         self.alpha_cov = 0.0  # α_Σ
         self.updates = 0
+        # Diagonal actors take the (mean, σ) fast path: no (B, d, d) factors, no triangular solves.
+        self.diag = n.covariance == "diag"
+        # Seconds per phase (TIMED_PHASES) when set to a dict by a benchmark; None costs nothing.
+        self.timings: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -128,19 +152,20 @@ class Learner:
     # ------------------------------------------------------------------ update
 
     def critic_step(self, b: MinibatchTensors) -> dict[str, float]:
-        """One TD step for the reward pair (min) and the cost critics (no min), §4.3."""
+        """One TD step for the reward critics (min over the pair) and the cost critics (no min), §4.3."""
         a = self.config.algo
         with torch.no_grad():
-            next_mean, next_tril = self.actor(b.bootstrap_obs)
-            next_action = sample_actions(next_mean, next_tril)  # a′ ~ π_θ(·|s′)
-            q_r_next = self.reward_target(b.bootstrap_obs, next_action).min(dim=0).values
-            q_c_next = self.cost_target(b.bootstrap_obs, next_action)  # (m, B)
+            next_action = self._sample(self.actor, b.bootstrap_obs)  # a′ ~ π_θ(·|s′)
+            q_next = joint_forward((self.reward_target, self.cost_target), b.bootstrap_obs, next_action)
+            nr = self.reward_critic.n_members
+            q_r_next = q_next[:nr].min(dim=0).values
+            q_c_next = q_next[nr:]  # (m, B)
             alive = 1.0 - b.terminated
             y_r = b.reward_return + b.discount * alive * q_r_next
             cost_alive = alive if a.cost_mask == "terminated" else torch.ones_like(alive)
             y_c = b.cost_return.T + b.discount * cost_alive * q_c_next
-        q_r = self.reward_critic(b.obs, b.action)  # (2, B)
-        q_c = self.cost_critic(b.obs, b.action)  # (m, B)
+        q = joint_forward((self.reward_critic, self.cost_critic), b.obs, b.action)
+        q_r, q_c = q[:nr], q[nr:]  # (reward_critics, B), (m, B)
         loss_r = ((q_r - y_r) ** 2).mean(dim=1).sum()
         loss_c = ((q_c - y_c) ** 2).mean(dim=1).sum()
         self.critic_opt.zero_grad(set_to_none=True)
@@ -153,19 +178,39 @@ class Learner:
             "q_cost": q_c.mean().item() if self.m else 0.0,
         }
 
+    def _sample(self, actor: GaussianActor, obs: torch.Tensor) -> torch.Tensor:
+        """One raw sample per state from ``actor`` (diagonal fast path when possible)."""
+        if self.diag:
+            return sample_actions_diag(*actor.mean_std(obs))
+        return sample_actions(*actor(obs))
+
+    def _tick(self, phase: str, start: float) -> float:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[phase] = self.timings.get(phase, 0.0) + (now - start)
+        return now
+
     def update(self, b: MinibatchTensors) -> dict[str, float]:
         a = self.config.algo
+        t = time.perf_counter()
         stats = self.critic_step(b)
+        t = self._tick("critic", t)
 
         # E-step (§2.5): K samples from π_old scored by the target critics, solved on CPU float64.
+        # The critics take the (B, o) states against the (K, B, d) samples by broadcasting, so the
+        # states' share of the first layer is computed once, not K times (EnsembleCritic.forward).
         with torch.no_grad():
-            mean_old, tril_old = self.actor_old(b.obs)
-            samples = sample_actions(mean_old, tril_old, a.num_samples)  # (K, B, d)
-            obs_k = b.obs.unsqueeze(0).expand(a.num_samples, *b.obs.shape)
-            q_r = self.reward_target(obs_k, samples).min(dim=0).values  # (K, B)
-            q_c = self.cost_target(obs_k, samples)  # (m, K, B)
-        q_r_np = q_r.T.double().cpu().numpy()
-        q_c_np = q_c.transpose(1, 2).double().cpu().numpy()
+            if self.diag:
+                mean_old, scale_old = self.actor_old.mean_std(b.obs)  # σ (B, d)
+                samples = sample_actions_diag(mean_old, scale_old, a.num_samples)  # (K, B, d)
+            else:
+                mean_old, scale_old = self.actor_old(b.obs)  # L (B, d, d)
+                samples = sample_actions(mean_old, scale_old, a.num_samples)
+            q_r = self.reward_target(b.obs, samples).min(dim=0).values  # (K, B)
+            q_c = self.cost_target(b.obs, samples)  # (m, K, B)
+        q_r_np = np.ascontiguousarray(q_r.T.cpu().numpy(), dtype=np.float64)  # (B, K)
+        q_c_np = np.ascontiguousarray(q_c.transpose(1, 2).cpu().numpy(), dtype=np.float64)  # (m, B, K)
+        t = self._tick("estep_score", t)
         solution = solve_dual(
             q_r_np,
             q_c_np,
@@ -176,18 +221,25 @@ class Learner:
             bounds=(a.dual_lower, a.dual_upper),
             max_iter=a.dual_max_iter,
             reset_on_saturation=a.reset_dual_on_saturation,
+            newton_steps=a.dual_newton_steps,
         )
         self.temperature = solution.temperature
         self.cost_multipliers = np.asarray(solution.cost_multipliers, dtype=np.float64)
         weights_np = estep_weights(q_r_np, q_c_np, self.temperature, self.cost_multipliers)
         weights = torch.as_tensor(weights_np, dtype=b.obs.dtype, device=self.device)  # (B, K)
         actions = samples.transpose(0, 1)  # (B, K, d)
+        t = self._tick("estep_solve", t)
 
         # M-step (§3): weighted MLE inside KL trust regions, projected multipliers.
         for _ in range(a.mstep_iters):
-            mean_new, tril_new = self.actor(b.obs)
-            mle = weighted_mle(actions, weights, mean_old, tril_old, mean_new, tril_new)
-            c_mu, c_sigma = gaussian_kl_terms(mean_old, tril_old, mean_new, tril_new)
+            if self.diag:
+                mean_new, std_new = self.actor.mean_std(b.obs)
+                mle = weighted_mle_diag(actions, weights, mean_old, scale_old, mean_new, std_new)
+                c_mu, c_sigma = gaussian_kl_terms_diag(mean_old, scale_old, mean_new, std_new)
+            else:
+                mean_new, tril_new = self.actor(b.obs)
+                mle = weighted_mle(actions, weights, mean_old, scale_old, mean_new, tril_new)
+                c_mu, c_sigma = gaussian_kl_terms(mean_old, scale_old, mean_new, tril_new)
             self.alpha_mean = project_multiplier(
                 self.alpha_mean, c_mu.item(), a.mean_kl_bound, a.alpha_mean_step, a.alpha_mean_max
             )
@@ -200,12 +252,14 @@ class Learner:
             if a.actor_grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.actor.parameters(), a.actor_grad_clip)
             self.actor_opt.step()
+        t = self._tick("mstep", t)
 
         polyak_update(self.reward_target, self.reward_critic, a.tau)
         polyak_update(self.cost_target, self.cost_critic, a.tau)
         if a.pi_old == "polyak":
             polyak_update(self.actor_old, self.actor, a.tau)
         self.updates += 1
+        self._tick("targets", t)
 
         stats.update(
             {

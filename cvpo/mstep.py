@@ -21,6 +21,7 @@ __all__ = [
     "mstep_loss",
     "project_multiplier",
     "weighted_mle",
+    "weighted_mle_diag",
     "weighted_mle_terms",
 ]
 
@@ -132,6 +133,42 @@ def weighted_mle(
     log-likelihood, so K rescales it against α and the learning rate (§8.1 P11).
     """
     mean_term, cov_term = weighted_mle_terms(actions, weights, mean_old, tril_old, mean_new, tril_new)
+    return mean_term + cov_term
+
+
+def _diag_log_prob(actions: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(a_sj | mean_s, diag σ_s²) for actions (B, K, d), mean and std (B, d) → (B, K)."""
+    d = actions.shape[-1]
+    z = (actions - mean.unsqueeze(-2)) / std.unsqueeze(-2)
+    log_norm = std.log().sum(dim=-1, keepdim=True) + 0.5 * d * math.log(2.0 * math.pi)
+    return -0.5 * z.square().sum(dim=-1) - log_norm
+
+
+def weighted_mle_diag(
+    actions: Tensor,
+    weights: Tensor,
+    mean_old: Tensor,
+    std_old: Tensor,
+    mean_new: Tensor,
+    std_new: Tensor,
+) -> Tensor:
+    """Diagonal fast path of :func:`weighted_mle` for std tensors (B, d): the same L_MLE (§3.1).
+
+    With L = diag(σ) the triangular solves reduce to element-wise divisions; the decoupling (§9 I11)
+    and the detaching of actions, weights and old statistics are the same.
+    """
+    if actions.ndim != 3 or weights.shape != actions.shape[:2]:
+        raise ValueError(
+            "expected actions (B, K, d) and weights (B, K), "
+            f"got {tuple(actions.shape)}, {tuple(weights.shape)}"
+        )
+    shape = (actions.shape[0], actions.shape[2])
+    if not (mean_old.shape == std_old.shape == mean_new.shape == std_new.shape == shape):
+        raise ValueError(f"means and stds must have shape {shape}")
+    actions, weights = actions.detach(), weights.detach()
+    mean_old, std_old = mean_old.detach(), std_old.detach()
+    mean_term = (weights * _diag_log_prob(actions, mean_new, std_old)).mean()
+    cov_term = (weights * _diag_log_prob(actions, mean_old, std_new)).mean()
     return mean_term + cov_term
 
 

@@ -15,11 +15,12 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributions import MultivariateNormal
 
-__all__ = ["EnsembleCritic", "GaussianActor", "mlp", "polyak_update"]
+__all__ = ["ActorSnapshot", "EnsembleCritic", "GaussianActor", "joint_forward", "mlp", "polyak_update"]
 
 _HIDDEN_GAIN = math.sqrt(2.0)  # orthogonal gain for ReLU layers
 _HEAD_GAIN = 0.01  # small output heads: initial mean ≈ 0 (or 0 after tanh), initial σ ≈ 1
@@ -98,16 +99,33 @@ class GaussianActor(nn.Module):
         self.register_buffer("_offdiag_rows", rows, persistent=False)
         self.register_buffer("_offdiag_cols", cols, persistent=False)
 
-    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """obs (*S, o) → (mean (*S, d), scale_tril (*S, d, d)), L lower-triangular with diag L > 0."""
+    def _heads(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, raw covariance-head output) after the shared trunk."""
         h = self.trunk(obs)
         mean = self.mean_head(h)
         if self.mean_bound is not None:
             mean = self.mean_bound * torch.tanh(mean)
-        raw = self.cov_head(h)
+        return mean, self.cov_head(h)
+
+    def _std(self, raw: Tensor) -> Tensor:
+        return raw[..., : self.act_dim].clamp(*self.log_std_bounds).exp()
+
+    def mean_std(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """Diagonal mode only: (mean, σ), both (*S, d), without building the (*S, d, d) factor.
+
+        The learner's hot path: sampling is μ + σ·z and the M-step uses the diagonal formulas, the
+        same numbers as ``forward``'s L = diag(σ) without the triangular solves.
+        """
+        if self.covariance != "diag":
+            raise ValueError("mean_std needs covariance='diag'; use forward() for the Cholesky factor")
+        mean, raw = self._heads(obs)
+        return mean, self._std(raw)
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """obs (*S, o) → (mean (*S, d), scale_tril (*S, d, d)), L lower-triangular with diag L > 0."""
+        mean, raw = self._heads(obs)
         d = self.act_dim
-        std = raw[..., :d].clamp(*self.log_std_bounds).exp()
-        tril = torch.diag_embed(std)
+        tril = torch.diag_embed(self._std(raw))
         if self.covariance == "cholesky" and d > 1:
             off = raw[..., d:].clamp(-_OFFDIAG_BOUND, _OFFDIAG_BOUND)
             lower = torch.zeros_like(tril)
@@ -161,16 +179,108 @@ class EnsembleCritic(nn.Module):
             self.biases.append(nn.Parameter(torch.zeros(self.n_members, 1, d_out)))
 
     def forward(self, obs: Tensor, act: Tensor) -> Tensor:
-        """obs (*S, o), act (*S, a) (leading shapes broadcast) → Q values (n_members, *S)."""
+        """obs (*S, o), act (*S, a) (leading shapes broadcast) → Q values (n_members, *S).
+
+        The first layer is applied to the observation and action blocks separately, each at its own
+        leading shape, and the two are added with broadcasting: for the E-step's (B, o) states against
+        (K, B, a) sampled actions the observation block runs once per state instead of K times, and no
+        (K, B, o + a) concatenation is built. Members run as plain 2-D ``addmm`` calls, which MKL does
+        faster here than one batched ``baddbmm`` over an expanded input.
+        """
         lead = torch.broadcast_shapes(obs.shape[:-1], act.shape[:-1])
-        x = torch.cat([obs.expand(*lead, obs.shape[-1]), act.expand(*lead, act.shape[-1])], dim=-1)
-        h = x.reshape(1, -1, x.shape[-1]).expand(self.n_members, -1, -1)
+        if self.n_members == 0:
+            return obs.new_zeros((0, *lead))
+        o = self.obs_dim
+        obs2, act2 = obs.reshape(-1, o), act.reshape(-1, self.act_dim)
+        w0, b0 = self.weights[0], self.biases[0]
         last = len(self.weights) - 1
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            h = torch.baddbmm(b, h, w)
-            if layer < last:
-                h = torch.relu(h)
-        return h.reshape(self.n_members, *lead)
+        out = []
+        for i in range(self.n_members):
+            obs_part = torch.addmm(b0[i], obs2, w0[i, :o]).view(*obs.shape[:-1], -1)
+            h = obs_part + (act2 @ w0[i, o:]).view(*act.shape[:-1], -1)  # (*S, width)
+            h = h.reshape(-1, h.shape[-1])
+            for layer in range(1, last + 1):
+                h = torch.relu_(h)
+                h = torch.addmm(self.biases[layer][i], h, self.weights[layer][i])
+            out.append(h.view(lead))
+        return torch.stack(out)
+
+
+def joint_forward(critics: Sequence[EnsembleCritic], obs: Tensor, act: Tensor) -> Tensor:
+    """All members of several same-shaped ensembles on one (B, o), (B, a) batch → (Σ members, B).
+
+    The critic step evaluates the reward pair and the cost critics on the same minibatch; stacking
+    their weights (``torch.cat``, differentiable, so gradients reach each ensemble's own parameters)
+    runs every layer as one batched matmul, about a quarter fewer dispatched ops forward and backward
+    than member by member at B = 256. Same numbers as the ensembles' own forwards up to rounding.
+    """
+    x = torch.cat([obs, act], dim=-1)
+    n = sum(c.n_members for c in critics)
+    if n == 0:
+        return x.new_zeros((0, x.shape[0]))
+    h = x.unsqueeze(0).expand(n, -1, -1)
+    layers = len(critics[0].weights)
+    for layer in range(layers):
+        w = torch.cat([c.weights[layer] for c in critics])
+        b = torch.cat([c.biases[layer] for c in critics])
+        h = torch.baddbmm(b, h, w)
+        if layer < layers - 1:
+            h = torch.relu(h)
+    return h.squeeze(-1)
+
+
+class ActorSnapshot:
+    """A float32 NumPy copy of a diagonal :class:`GaussianActor` for acting one state at a time.
+
+    Collecting calls the actor once per env step on a single observation; through torch that is a
+    dozen dispatched ops (~60–110 µs), in NumPy with preallocated buffers ~15 µs. The weights are
+    copied by :meth:`refresh`, which the trainer calls whenever the actor may have changed (after an
+    update phase, after a restore), so acting never sees stale weights. Results equal the torch
+    forward to float32 rounding (the matmul order differs), not bit for bit.
+    """
+
+    def __init__(self, actor: GaussianActor) -> None:
+        if actor.covariance != "diag":
+            raise ValueError("ActorSnapshot supports covariance='diag' only")
+        self.actor = actor
+        self.d = actor.act_dim
+        self.log_std_bounds = actor.log_std_bounds
+        self.mean_bound = actor.mean_bound
+        self._x = np.zeros(actor.obs_dim, dtype=np.float32)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the actor's current weights (trunk layers, then mean and σ heads fused in one matrix)."""
+        linears = [m for m in self.actor.trunk if isinstance(m, nn.Linear)]
+        self.layers = [
+            (m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in linears
+        ]
+        heads = (self.actor.mean_head, self.actor.cov_head)
+        self.head_w = np.concatenate([h.weight.detach().cpu().numpy().T for h in heads], axis=1)
+        self.head_b = np.concatenate([h.bias.detach().cpu().numpy() for h in heads])
+        self._h = [np.empty(w.shape[1], dtype=np.float32) for w, _ in self.layers]
+        self._out = np.empty(self.head_w.shape[1], dtype=np.float32)
+
+    def mean_std(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One observation (o,) → (mean (d,), σ (d,)) as float64 arrays."""
+        x = self._x
+        x[:] = obs
+        # einsum, not matmul: a matrix-vector matmul goes to OpenBLAS, whose worker thread then
+        # busy-waits after every call, i.e. one env step at a time it holds a core at 100 % and
+        # starves torch's threads during the updates (measured: 2-3× slower updates on 2 cores).
+        for (w, b), h in zip(self.layers, self._h, strict=True):
+            np.einsum("i,ij->j", x, w, out=h)
+            np.add(h, b, out=h)
+            np.maximum(h, 0.0, out=h)
+            x = h
+        out = np.einsum("i,ij->j", x, self.head_w, out=self._out)
+        np.add(out, self.head_b, out=out)
+        mean = out[: self.d].astype(np.float64)
+        if self.mean_bound is not None:
+            mean = self.mean_bound * np.tanh(mean)
+        std = np.exp(np.clip(out[self.d : 2 * self.d], *self.log_std_bounds)).astype(np.float64)
+        return mean, std
 
 
 @torch.no_grad()

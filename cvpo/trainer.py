@@ -28,6 +28,7 @@ from cvpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from cvpo.config import TrainConfig, config_from_dict
 from cvpo.envs import ObservationNormalizer, SafeEnv
 from cvpo.learner import Learner, MinibatchTensors, sample_actions
+from cvpo.nets import ActorSnapshot
 from cvpo.thresholds import curriculum_threshold, per_step_threshold
 
 EVAL_SEED_BASE = 1_000_003  # evaluation layouts: the same episodes every epoch, apart from training's
@@ -126,6 +127,12 @@ class Trainer:
         self.normalizer = ObservationNormalizer(self.env.obs_dim, clip=config.loop.obs_clip)
         self.buffer = ReplayBuffer(config.loop.buffer_size, self.env.obs_dim, self.env.act_dim, m)
         self.learner = Learner(config, self.env.obs_dim, self.env.act_dim, self.thresholds(0), self.device)
+        # Acting one state at a time goes through a NumPy copy of the (diagonal) actor, refreshed
+        # whenever the actor changes; Cholesky actors act through torch.
+        self.actor_snapshot = ActorSnapshot(self.learner.actor) if self.learner.diag else None
+        # Seconds per phase of the loop (env, inference, minibatch, plus the learner's TIMED_PHASES)
+        # when a benchmark calls enable_timing(); None costs nothing.
+        self.timings: dict[str, float] | None = None
 
         self.env_steps = 0
         self.episodes = 0
@@ -176,7 +183,22 @@ class Trainer:
     def request_stop(self) -> None:
         self._stop = True
 
+    def enable_timing(self) -> dict[str, float]:
+        """Start summing wall seconds per phase into ``self.timings`` (shared with the learner's)."""
+        self.timings = self.learner.timings = {}
+        return self.timings
+
     def policy_action(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        """The actor's mean (evaluation) or a raw sample μ + σ·z (collection), in float64.
+
+        Diagonal actors: NumPy snapshot, z from the trainer's checkpointed NumPy RNG (``self.rng``).
+        Cholesky actors: torch, z from torch's global RNG (also checkpointed).
+        """
+        if self.actor_snapshot is not None:
+            mean, std = self.actor_snapshot.mean_std(self.normalize(obs))
+            if deterministic:
+                return mean
+            return mean + std * self.rng.standard_normal(mean.shape[0])
         with torch.no_grad():
             x = torch.as_tensor(self.normalize(obs), dtype=torch.float32, device=self.device).unsqueeze(0)
             mean, tril = self.learner.actor(x)
@@ -216,24 +238,46 @@ class Trainer:
         if n == 0:
             return
         self.learner.start_phase()
+        timings = self.timings
         for _ in range(n):
-            self.epoch_stats.add_update(self.learner.update(self.minibatch()))
+            if timings is None:
+                batch = self.minibatch()
+            else:
+                t0 = time.perf_counter()
+                batch = self.minibatch()
+                timings["minibatch"] = timings.get("minibatch", 0.0) + time.perf_counter() - t0
+            self.epoch_stats.add_update(self.learner.update(batch))
         self.learner.end_phase()
+        if self.actor_snapshot is not None:
+            self.actor_snapshot.refresh()
 
     # ------------------------------------------------------------------ collection and evaluation
 
     def run_episode(self) -> None:
         """One training episode with updates interleaved every ``update_every`` steps."""
         lp = self.config.loop
+        timings = self.timings
+        clock = time.perf_counter
+        t0 = clock()
         obs, _ = self.env.reset(seed=episode_seed(self.config.seed, self.episodes))
+        if timings is not None:
+            timings["env"] = timings.get("env", 0.0) + clock() - t0
         self.episodes += 1
         ep_return, ep_cost, length = 0.0, np.zeros(self.config.num_constraints), 0
         while True:
+            t0 = clock() if timings is not None else 0.0
             if self.env_steps < lp.warmup_steps:
                 action = self.rng.uniform(-1.0, 1.0, self.env.act_dim)
             else:
                 action = self.policy_action(obs, deterministic=False)
-            next_obs, reward, cost, terminated, truncated, info = self.env.step(action)
+            if timings is None:
+                next_obs, reward, cost, terminated, truncated, info = self.env.step(action)
+            else:
+                t1 = clock()
+                next_obs, reward, cost, terminated, truncated, info = self.env.step(action)
+                t2 = clock()
+                timings["inference"] = timings.get("inference", 0.0) + t1 - t0
+                timings["env"] = timings.get("env", 0.0) + t2 - t1
             costs = self.costs_of(cost, info)
             if lp.normalize_obs:
                 self.normalizer.update(obs)
@@ -395,6 +439,8 @@ class Trainer:
         self.best = meta["best"]
         self.elapsed_before = float(meta["wall_time_s"])
         self.learner.set_thresholds(self.thresholds(self.epoch))
+        if self.actor_snapshot is not None:
+            self.actor_snapshot.refresh()
 
     def write_policy(self, name: str, metrics: dict[str, Any] | None) -> Path:
         summary = (

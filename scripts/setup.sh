@@ -26,6 +26,17 @@ if ! command -v redis-server >/dev/null 2>&1; then
     fi
 fi
 
+# The dashboard's browser tests drive Debian's chromium headless (no browser download).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing chromium and chromium-driver (Debian packages, for the dashboard tests)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-dejavu-core >/dev/null
+    else
+        echo "setup: chromium/chromium-driver missing; the dashboard tests need them (apt-get install chromium chromium-driver)" >&2
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     "$PYTHON" -m venv .venv

@@ -34,6 +34,7 @@ from worker.store import (
     rfc3339,
 )
 
+INT64_MAX = 2**63 - 1  # the job store's integer columns (SQLite INTEGER); a larger cursor is a 422, not a 500
 router = APIRouter(tags=["jobs"])
 promote_router = APIRouter(tags=["policies"])
 Reader = Annotated[Principal, Depends(require("jobs:read"))]
@@ -255,7 +256,7 @@ def job_metrics(
     job_id: str,
     principal: Reader,
     keys: Annotated[str | None, Query(description="Comma-separated metric names; default all")] = None,
-    after_step: Annotated[int | None, Query(ge=0)] = None,
+    after_step: Annotated[int | None, Query(ge=0, le=INT64_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
 ) -> Response:
@@ -314,7 +315,7 @@ def job_logs(
     request: Request,
     job_id: str,
     principal: Reader,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> Response:
     _get_job(request, job_id, principal)
@@ -342,9 +343,11 @@ async def job_events(
         raise Problem(404, str(exc)) from exc
     try:
         start = int(last_event_id) if last_event_id else 0
+        if not 0 <= start <= INT64_MAX:
+            raise ValueError(last_event_id)
     except ValueError as exc:
         raise validation_problem(
-            [{"loc": ["header", "Last-Event-ID"], "msg": "must be an integer", "input": last_event_id}]
+            [{"loc": ["header", "Last-Event-ID"], "msg": "must be an integer in [0, 2^63 - 1]", "input": last_event_id}]
         ) from exc
 
     async def stream() -> Any:

@@ -58,6 +58,13 @@ class ObservationNormalizer:
         n = batch.shape[0]
         if n == 0:
             return
+        if n == 1:  # the per-step call: the same arithmetic as below with b_mean = x, b_var = 0
+            total = self.count + 1.0
+            delta = batch[0] - self.mean
+            self.mean = self.mean + delta * (1.0 / total)
+            self.var = (self.var * self.count + delta**2 * (self.count / total)) / total
+            self.count = total
+            return
         b_mean = batch.mean(axis=0)
         b_var = batch.var(axis=0)
         total = self.count + n

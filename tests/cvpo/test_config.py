@@ -33,6 +33,7 @@ def test_defaults_preset_and_overrides_resolve_in_order() -> None:
         ({"env_id": "SafetyPointGoal7-v0"}, "env_id", "Valid ids"),
         ({"total_env_steps": 0}, "total_env_steps", "≥ 1"),
         ({"network": {"covariance": "full"}}, "network.covariance", "diag or cholesky"),
+        ({"network": {"reward_critics": 3}}, "network.reward_critics", "must be 1 or 2"),
         ({"algo": {"tau": float("nan")}}, "algo.tau", "NaN"),
         ({"loop": {"buffer_size": 10}}, "loop.buffer_size", "batch_size"),
         ({"preset": 3}, "preset", "string"),

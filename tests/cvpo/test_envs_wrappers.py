@@ -118,3 +118,24 @@ def test_task_that_fails_to_build_is_named(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(sg, "make", broken_make)
     with pytest.raises(TaskBuildError, match=r"SafetyCarGoal1-v0.*no such asset"):
         envs.make("SafetyCarGoal1-v0")
+
+
+def test_normalizer_single_row_update_is_bit_identical_to_the_batch_formula() -> None:
+    """The per-step fast path of update() does the general path's arithmetic exactly."""
+    rng = np.random.default_rng(7)
+    fast, ref = ObservationNormalizer(4), ObservationNormalizer(4)
+    ref.update(rng.normal(size=(3, 4)))
+    fast.load_state_dict(ref.state_dict())
+    for _ in range(200):
+        x = rng.normal(size=4) * 3.0 + 1.0
+        fast.update(x)
+        batch = x.reshape(1, 4)  # the general path, written out for n = 1
+        total = ref.count + 1
+        delta = batch.mean(axis=0) - ref.mean
+        mean = ref.mean + delta * (1 / total)
+        m2 = ref.var * ref.count + batch.var(axis=0) * 1 + delta**2 * (ref.count * 1 / total)
+        ref.mean, ref.var, ref.count = mean, m2 / total, total
+        assert np.array_equal(fast.mean, ref.mean) and np.array_equal(fast.var, ref.var)
+    assert fast.count == ref.count
+    with pytest.raises(ValueError):
+        fast.update(np.array([np.nan, 0.0, 0.0, 0.0]))

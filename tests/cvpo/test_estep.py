@@ -638,3 +638,51 @@ def test_golden_case(case: str) -> None:
     else:
         np.testing.assert_allclose(weighted_cost, cbar, rtol=0, atol=1e-4)
         assert sol.dual_value == pytest.approx(weighted_reward, rel=1e-6)  # strong duality
+
+
+# --------------------------------------------------------------------------------------------------
+# Newton warm path (the learner's default, algo.dual_newton_steps)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hessian_matches_the_analytic_formula() -> None:
+    from cvpo.estep import _flat, _hessian
+
+    qr, qc, _, _ = make_problem(4, m=2)
+    for eta, lam in ((1.3, [0.3, 0.7]), (0.2, [2.0, 1e-6])):
+        lam = np.array(lam)
+        np.testing.assert_allclose(
+            _hessian(eta, lam, qr, _flat(qc)), analytic_hessian(eta, lam, qr, qc), rtol=1e-10, atol=1e-12
+        )
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+@pytest.mark.parametrize("factor", [1.0, 1.3, 0.7, 3.0])
+def test_newton_warm_start_reaches_the_cold_solution(case: str, factor: float) -> None:
+    data, _ = load_golden(case)
+    qr, qc, cbar, eps = data["q_reward"], data["q_cost"], data["per_step_threshold"], float(data["kl_bound"])
+    cold = solve_cold(qr, qc, cbar, eps)
+    warm = solve_cold(
+        qr, qc, cbar, eps, init_temperature=cold.temperature * factor,
+        init_multipliers=cold.cost_multipliers * factor, newton_steps=4,
+    )
+    assert warm.temperature == pytest.approx(cold.temperature, rel=1e-6)
+    np.testing.assert_allclose(warm.cost_multipliers, cold.cost_multipliers, rtol=1e-6)
+    assert warm.success == cold.success and warm.saturated.tolist() == cold.saturated.tolist()
+    if factor in (1.0, 1.3, 0.7) and case != "infeasible_1c":
+        assert warm.success and "Newton" in warm.message and warm.iterations <= 4
+
+
+def test_newton_steps_on_random_problems_and_validation() -> None:
+    for seed in range(5):
+        qr, qc, cbar, eps = make_problem(80 + seed, m=1 + seed % 2)
+        cold = solve_cold(qr, qc, cbar, eps)
+        warm = solve_cold(
+            qr, qc, cbar, eps, init_temperature=cold.temperature * 1.2,
+            init_multipliers=cold.cost_multipliers * 0.8, newton_steps=4,
+        )
+        assert warm.success and warm.iterations <= 4
+        np.testing.assert_allclose(warm.cost_multipliers, cold.cost_multipliers, rtol=1e-6)
+        assert warm.temperature == pytest.approx(cold.temperature, rel=1e-6)
+    with pytest.raises(ValueError, match="newton_steps"):
+        solve_dual(qr, qc, cbar, eps, newton_steps=-1)

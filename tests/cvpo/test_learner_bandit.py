@@ -14,12 +14,14 @@ from cvpo.config import resolve_config
 from cvpo.learner import Learner, MinibatchTensors
 
 
-def run_bandit(threshold: float, updates: int = 400, seed: int = 0) -> tuple[Learner, list[dict]]:
+def run_bandit(
+    threshold: float, updates: int = 400, seed: int = 0, reward_critics: int = 2
+) -> tuple[Learner, list[dict]]:
     torch.manual_seed(seed)
     config = resolve_config({
         "env_id": "SafetyPointCircle1-v0",
         "constraints": {"cost_limits": [threshold]},
-        "network": {"actor_hidden": [32], "critic_hidden": [32]},
+        "network": {"actor_hidden": [32], "critic_hidden": [32], "reward_critics": reward_critics},
         "algo": {"num_samples": 32, "batch_size": 128, "mean_kl_bound": 0.01, "cov_kl_bound": 0.001,
                  "actor_lr": 3e-3, "critic_lr": 3e-3, "tau": 0.05},
     }, preset="none")
@@ -55,3 +57,14 @@ def test_unconstrained_bandit_is_mpo_and_takes_the_rewarded_action() -> None:
         mean = learner.actor(torch.zeros(1, 1))[0].item()
     assert mean > 0.8, mean
     assert all(h["cost_multiplier_0"] == 1e-6 for h in history)  # λ pinned at its floor
+
+
+def test_a_single_reward_critic_learns_the_same_constrained_answer() -> None:
+    """network.reward_critics = 1 (FSRL's default) trains one reward member and still meets c̄."""
+    learner, history = run_bandit(threshold=0.3, reward_critics=1)
+    assert learner.reward_critic.n_members == 1 and learner.reward_target.n_members == 1
+    with torch.no_grad():
+        mean = learner.actor(torch.zeros(1, 1))[0].item()
+    assert -0.6 < mean < -0.2, mean
+    weighted = np.mean([h["estep_weighted_cost_0"] for h in history[-50:]])
+    assert abs(weighted - 0.3) <= 0.05 * 0.3, weighted

@@ -20,6 +20,7 @@ from cvpo.mstep import (
     mstep_loss,
     project_multiplier,
     weighted_mle,
+    weighted_mle_diag,
     weighted_mle_terms,
 )
 from cvpo.nets import GaussianActor
@@ -247,6 +248,30 @@ def test_weighted_mle_matches_reference(d: int) -> None:
     torch.testing.assert_close(cov_term, ref_cov, rtol=1e-12, atol=0.0)
     total = weighted_mle(actions, weights, mean_old, tril_old, mean_new, tril_new)
     torch.testing.assert_close(total, ref_mean + ref_cov, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_weighted_mle_diag_equals_the_full_path_and_is_decoupled(d: int) -> None:
+    """The learner's diagonal fast path gives the §3.1 value of weighted_mle with L = diag(σ), and I11."""
+    g = torch.Generator().manual_seed(40 + d)
+    B, K = 12, 7
+    mean_old, mean_new = torch.randn(B, d, generator=g, dtype=F64), torch.randn(B, d, generator=g, dtype=F64)
+    std_old = torch.rand(B, d, generator=g, dtype=F64) + 0.05
+    std_new = (torch.rand(B, d, generator=g, dtype=F64) + 0.05).requires_grad_(True)
+    mean_new.requires_grad_(True)
+    actions = torch.randn(B, K, d, generator=g, dtype=F64)
+    weights = torch.softmax(torch.randn(B, K, generator=g, dtype=F64), dim=1)
+    full = weighted_mle(actions, weights, mean_old, torch.diag_embed(std_old), mean_new, torch.diag_embed(std_new))
+    fast = weighted_mle_diag(actions, weights, mean_old, std_old, mean_new, std_new)
+    torch.testing.assert_close(fast, full, rtol=1e-12, atol=0.0)
+    g_full = torch.autograd.grad(full, (mean_new, std_new))
+    g_fast = torch.autograd.grad(fast, (mean_new, std_new))
+    for a, b in zip(g_fast, g_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    mean_term = weighted_mle_diag(actions, weights, mean_old, std_old, mean_new, std_old)
+    assert torch.autograd.grad(mean_term, std_new, allow_unused=True)[0] is None
+    with pytest.raises(ValueError):
+        weighted_mle_diag(actions, weights[:, :3], mean_old, std_old, mean_new, std_new)
 
 
 def test_weighted_mle_scales_as_one_over_k() -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.distributions import MultivariateNormal
 
-from cvpo.nets import EnsembleCritic, GaussianActor, mlp, polyak_update
+from cvpo.nets import ActorSnapshot, EnsembleCritic, GaussianActor, joint_forward, mlp, polyak_update
 
 F64 = torch.float64
 
@@ -203,6 +204,34 @@ def test_act_samples_follow_the_distribution(covariance: str) -> None:
     )
 
 
+@pytest.mark.parametrize("mean_bound", [None, 1.0])
+def test_actor_snapshot_matches_the_actor_and_refreshes(mean_bound: float | None) -> None:
+    """The collection fast path: NumPy float32 forward = torch forward to float32 rounding."""
+    actor = make_actor("diag", mean_bound=mean_bound)
+    snap = ActorSnapshot(actor)
+    obs = torch.randn(20, 5) * 2
+    mean, std = actor.mean_std(obs)
+    _, tril = actor(obs)
+    torch.testing.assert_close(std, tril.diagonal(dim1=-2, dim2=-1), rtol=0, atol=0)
+    for i in range(obs.shape[0]):
+        m, s = snap.mean_std(obs[i].numpy().astype(np.float64))
+        assert m.dtype == np.float64 and s.shape == (3,)
+        np.testing.assert_allclose(m, mean[i].detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s, std[i].detach().numpy(), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(0.1)
+    stale, _ = snap.mean_std(obs[0].numpy())
+    snap.refresh()
+    fresh, _ = snap.mean_std(obs[0].numpy())
+    np.testing.assert_allclose(fresh, actor.mean_std(obs[:1])[0][0].detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(stale, fresh)
+    with pytest.raises(ValueError):
+        ActorSnapshot(make_actor("cholesky"))
+    with pytest.raises(ValueError):
+        make_actor("cholesky").mean_std(obs)
+
+
 # --------------------------------------------------------------------------------------------------
 # EnsembleCritic
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +259,11 @@ def test_ensemble_shapes() -> None:
     broadcast = critic(obs.unsqueeze(1), act_k)
     explicit = critic(obs.unsqueeze(1).expand(10, 4, 6), act_k)
     torch.testing.assert_close(broadcast, explicit)
+    # The E-step's call: (B, o) states against (K, B, a) samples, states broadcast over K.
+    act_kb = torch.randn(4, 10, 2)
+    torch.testing.assert_close(critic(obs, act_kb), critic(obs.expand(4, 10, 6), act_kb), rtol=1e-6, atol=1e-6)
+    assert critic(obs, act_kb).shape == (3, 4, 10)
+    assert EnsembleCritic(6, 2, 2, hidden=())(obs, act).shape == (2, 10)  # linear critics
     assert EnsembleCritic(6, 2, 1, hidden=(8,))(obs, act).shape == (1, 10)
     assert EnsembleCritic(6, 2, 0, hidden=(8,))(obs, act).shape == (0, 10)  # no constraints
     with pytest.raises(ValueError):
@@ -257,6 +291,19 @@ def test_ensemble_members_match_plain_mlps_and_are_independent() -> None:
     for w in critic.weights:
         assert torch.count_nonzero(w.grad[1]) > 0
         assert torch.count_nonzero(w.grad[[0, 2, 3]]) == 0
+
+
+def test_joint_forward_equals_the_ensembles_and_routes_gradients() -> None:
+    """The critic step's stacked forward: same values as each ensemble, gradients to each one's own weights."""
+    torch.manual_seed(0)
+    reward, cost = EnsembleCritic(6, 2, 2, hidden=(16, 16)), EnsembleCritic(6, 2, 1, hidden=(16, 16))
+    obs, act = torch.randn(10, 6), torch.randn(10, 2)
+    q = joint_forward((reward, cost), obs, act)
+    torch.testing.assert_close(q, torch.cat([reward(obs, act), cost(obs, act)]), rtol=1e-5, atol=1e-6)
+    q[2].sum().backward()
+    assert all(w.grad is None or torch.count_nonzero(w.grad) == 0 for w in reward.weights)
+    assert all(torch.count_nonzero(w.grad) > 0 for w in cost.weights)
+    assert joint_forward((EnsembleCritic(6, 2, 0, hidden=(8,)),), obs, act).shape == (0, 10)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -159,30 +159,34 @@ def test_cli_train_then_eval(tmp_path: Path) -> None:
 def test_unconstrained_cvpo_learns_circle_beyond_a_random_policy(tmp_path: Path) -> None:
     """I17 (MPO reduction) on a real task. SafetyPointCircle1 was chosen because its dense reward
     shows learning within a few thousand steps. A random policy scores ≈ 0 on the same evaluation
-    layouts; 6000 steps of CVPO with C = ∞ reached ≈ 24 when this test was written, so the margin
-    of 10 leaves room for numerical differences between machines while staying far above chance."""
+    layouts. At 6000 steps single seeds spread widely (4–28 over seeds 0–3 with the serial path of
+    45fbe64, 10–25 with today's), so the test averages two seeds; the margin of 10 stays far above
+    chance. bench/learning_equivalence.py compares the engines over five seeds at a larger budget."""
     from cvpo import envs
     from cvpo.trainer import EVAL_SEED_BASE
 
-    config = resolve_config(
-        {
-            "env_id": "SafetyPointCircle1-v0",
-            "total_env_steps": 6000,
-            "seed": 0,
-            "constraints": {"cost_limits": ["inf"]},
-            "network": {"actor_hidden": [64, 64], "critic_hidden": [64, 64]},
-            "algo": {"batch_size": 128, "num_samples": 16, "updates_per_step": 0.25, "n_step": 1, "tau": 0.02},
-            "loop": {
-                "steps_per_epoch": 3000,
-                "update_every": 50,
-                "eval_episodes": 3,
-                "warmup_steps": 1000,
-                "torch_threads": 1,
-            },
-        }
-    )
-    result = Trainer(config, tmp_path / "mpo", quiet=True).train()
-    learned = result.last_metrics["eval_return"]
+    learned_per_seed = []
+    for seed in (0, 1):
+        config = resolve_config(
+            {
+                "env_id": "SafetyPointCircle1-v0",
+                "total_env_steps": 6000,
+                "seed": seed,
+                "constraints": {"cost_limits": ["inf"]},
+                "network": {"actor_hidden": [64, 64], "critic_hidden": [64, 64]},
+                "algo": {"batch_size": 128, "num_samples": 16, "updates_per_step": 0.25, "n_step": 1, "tau": 0.02},
+                "loop": {
+                    "steps_per_epoch": 3000,
+                    "update_every": 50,
+                    "eval_episodes": 3,
+                    "warmup_steps": 1000,
+                    "torch_threads": 1,
+                },
+            }
+        )
+        result = Trainer(config, tmp_path / f"mpo{seed}", quiet=True).train()
+        learned_per_seed.append(result.last_metrics["eval_return"])
+    learned = float(np.mean(learned_per_seed))
 
     rng = np.random.default_rng(0)
     random_returns = []
@@ -195,7 +199,7 @@ def test_unconstrained_cvpo_learns_circle_beyond_a_random_policy(tmp_path: Path)
                 total += r
                 done = terminated or truncated
             random_returns.append(total)
-    assert learned > float(np.mean(random_returns)) + 10.0, (learned, random_returns)
+    assert learned > float(np.mean(random_returns)) + 10.0, (learned_per_seed, random_returns)
 
 
 @pytest.mark.slow

@@ -128,6 +128,18 @@ def test_cancel_queued_is_immediate_and_idempotent(api: Any) -> None:
     assert_problem(api.post("/jobs/job_nope/cancel"), 404)
 
 
+def test_cursors_beyond_the_stores_integers_are_422_not_500(api: Any) -> None:
+    """Found by the route fuzzer: an after_seq past SQLite's int64 used to overflow in the driver."""
+    job_id = post_job(api).json()["id"]
+    huge = str(2**63)
+    assert_problem(api.get(f"/jobs/{job_id}/logs", params={"after_seq": huge}), 422, "after_seq")
+    assert_problem(api.get(f"/jobs/{job_id}/metrics", params={"after_step": huge}), 422, "after_step")
+    assert_problem(api.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": huge}), 422, "Last-Event-ID")
+    last = str(2**63 - 1)
+    resp = api.get(f"/jobs/{job_id}/logs", params={"after_seq": last})
+    assert resp.status_code == 200 and resp.json()["items"] == [], resp.text
+
+
 def test_cancel_running_keeps_checkpoint_which_promotes(api: Any, service: Service) -> None:
     service.start_worker()
     job_id = post_job(api, {**TINY_SPEC, "total_env_steps": 100_000}).json()["id"]
