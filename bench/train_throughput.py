@@ -59,7 +59,7 @@ def time_phases(task: str, k: int, batch: int, repeats: int, hidden: int = 256) 
         learner.update(b)
     times: dict[str, list[float]] = {key: [] for key in (*TIMED_PHASES, "total_update")}
     for _ in range(repeats):
-        learner.timings = {}
+        learner.enable_timing()
         t0 = time.perf_counter()
         learner.update(b)
         times["total_update"].append((time.perf_counter() - t0) * 1e3)

@@ -6,8 +6,8 @@ A library first: importable and usable with no API, worker, Redis or database. T
 
 import os
 
-# NumPy's work in the engine is small (the E-step dual on a B×K problem, the normaliser, the
-# collection actor), but OpenBLAS threads keep spinning after each call and starve torch's
+# NumPy's work in the engine is small (the E-step dual on a B×K problem: SciPy's L-BFGS-B and the
+# Newton warm path), but OpenBLAS threads keep spinning after each call and starve torch's
 # intra-op threads on a small host: on 2 cores, training ran at 222 env-steps/s with them and 351
 # without (bench/vs_fsrl.py, PointCircle1). One BLAS thread unless the user chose otherwise; this
 # only takes effect when ``cvpo`` is imported before NumPy, as the ``cvpo`` command does.

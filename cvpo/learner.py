@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,8 +94,8 @@ class Learner:
         self.updates = 0
         # Diagonal actors take the (mean, σ) fast path: no (B, d, d) factors, no triangular solves.
         self.diag = n.covariance == "diag"
-        # Seconds per phase (TIMED_PHASES) when set to a dict by a benchmark; None costs nothing.
-        self.timings: dict[str, float] | None = None
+        # Seconds per phase (TIMED_PHASES) after enable_timing(); None costs nothing.
+        self.timings: defaultdict[str, float] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -184,10 +185,15 @@ class Learner:
             return sample_actions_diag(*actor.mean_std(obs))
         return sample_actions(*actor(obs))
 
+    def enable_timing(self) -> defaultdict[str, float]:
+        """Start summing wall seconds per phase (TIMED_PHASES) into ``self.timings``; benchmarks only."""
+        self.timings = defaultdict(float)
+        return self.timings
+
     def _tick(self, phase: str, start: float) -> float:
         now = time.perf_counter()
         if self.timings is not None:
-            self.timings[phase] = self.timings.get(phase, 0.0) + (now - start)
+            self.timings[phase] += now - start
         return now
 
     def update(self, b: MinibatchTensors) -> dict[str, float]:

@@ -185,7 +185,7 @@ class Trainer:
 
     def enable_timing(self) -> dict[str, float]:
         """Start summing wall seconds per phase into ``self.timings`` (shared with the learner's)."""
-        self.timings = self.learner.timings = {}
+        self.timings = self.learner.enable_timing()
         return self.timings
 
     def policy_action(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
@@ -245,7 +245,7 @@ class Trainer:
             else:
                 t0 = time.perf_counter()
                 batch = self.minibatch()
-                timings["minibatch"] = timings.get("minibatch", 0.0) + time.perf_counter() - t0
+                timings["minibatch"] += time.perf_counter() - t0
             self.epoch_stats.add_update(self.learner.update(batch))
         self.learner.end_phase()
         if self.actor_snapshot is not None:
@@ -261,7 +261,7 @@ class Trainer:
         t0 = clock()
         obs, _ = self.env.reset(seed=episode_seed(self.config.seed, self.episodes))
         if timings is not None:
-            timings["env"] = timings.get("env", 0.0) + clock() - t0
+            timings["env"] += clock() - t0
         self.episodes += 1
         ep_return, ep_cost, length = 0.0, np.zeros(self.config.num_constraints), 0
         while True:
@@ -276,8 +276,8 @@ class Trainer:
                 t1 = clock()
                 next_obs, reward, cost, terminated, truncated, info = self.env.step(action)
                 t2 = clock()
-                timings["inference"] = timings.get("inference", 0.0) + t1 - t0
-                timings["env"] = timings.get("env", 0.0) + t2 - t1
+                timings["inference"] += t1 - t0
+                timings["env"] += t2 - t1
             costs = self.costs_of(cost, info)
             if lp.normalize_obs:
                 self.normalizer.update(obs)

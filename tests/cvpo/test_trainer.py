@@ -128,6 +128,22 @@ def test_policy_artefact_matches_the_actor_and_loads_without_torch(tmp_path: Pat
 
 
 @pytest.mark.slow
+def test_enable_timing_sums_every_phase_of_loop_and_learner(tmp_path: Path) -> None:
+    """Benchmarks read the time split from here; each phase must be counted, and only when asked."""
+    from cvpo.learner import TIMED_PHASES
+
+    config = resolve_config({**TINY, "total_env_steps": 500})
+    untimed = Trainer(config, tmp_path / "untimed", quiet=True)
+    untimed.train()
+    assert untimed.timings is None and untimed.learner.timings is None
+    trainer = Trainer(config, tmp_path / "timed", quiet=True)
+    timings = trainer.enable_timing()
+    trainer.train()
+    assert timings is trainer.learner.timings
+    assert set(timings) == {"env", "inference", "minibatch", *TIMED_PHASES}
+    assert all(v > 0.0 for v in timings.values()), timings
+
+
 def test_cli_train_then_eval(tmp_path: Path) -> None:
     cvpo = str(Path(sys.executable).parent / "cvpo")
     run = tmp_path / "demo"
