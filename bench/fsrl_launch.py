@@ -11,6 +11,10 @@ env step, n-step 3, γ 0.995, τ 0.05, 10 episodes per collect, unbounded mean),
 ``first collect + window`` steps. Throughput is measured over the window: from the start of the second
 collect (after the first collect, its updates and numba's compile) to the end of the last update
 phase. Prints one JSON object.
+
+With ``--budget N`` (bench/vs_fsrl_learning.py) it instead trains for N env steps in all, times the
+whole of training, then evaluates the final policy with FSRL's own ``agent.evaluate`` (deterministic
+mean actions, ``--eval-episodes`` episodes on a fresh env seeded ``EVAL_SEED_BASE + seed``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from cvpo.envs import compat  # noqa: E402  (must come before anything imports safety_gymnasium)
 
 _STOCK: Any = None
+EVAL_SEED_BASE = 1_000_003  # cvpo.trainer's evaluation seed base (not imported: FSRL's venv lacks our deps)
 
 
 def main() -> None:
@@ -39,6 +44,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=20_000, help="timed env steps after the first collect")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skybox", choices=("stock", "fast"), default="stock")
+    p.add_argument("--budget", type=int, help="learning mode: total env steps; then evaluate")
+    p.add_argument("--eval-episodes", type=int, default=10)
     args = p.parse_args()
 
     compat.safety_gymnasium()
@@ -96,8 +103,11 @@ def main() -> None:
     def policy_update_fn(self: Any, stats_train: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         orig_update(self, stats_train)
-        phases[-1].update(update_s=time.perf_counter() - t0, update_end=time.perf_counter(),
-                          updates=round(self.update_per_step * stats_train["n/st"]))
+        phases[-1].update(
+            update_s=time.perf_counter() - t0,
+            update_end=time.perf_counter(),
+            updates=round(self.update_per_step * stats_train["n/st"]),
+        )
 
     OffpolicyTrainer.train_step = train_step
     OffpolicyTrainer.policy_update_fn = policy_update_fn
@@ -143,7 +153,7 @@ def main() -> None:
             test_envs=None,
             epoch=1,
             episode_per_collect=cfg.episode_per_collect,
-            step_per_epoch=first_collect + args.window,
+            step_per_epoch=args.budget or first_collect + args.window,
             update_per_step=cfg.update_per_step,
             buffer_size=cfg.buffer_size,
             testing_num=cfg.testing_num,
@@ -155,6 +165,31 @@ def main() -> None:
             show_progress=False,
         )
         t_total = time.perf_counter() - t_start
+        if args.budget:
+            test_envs = DummyVectorEnv([lambda: gym.make(gym_id)])
+            test_envs.seed(EVAL_SEED_BASE + args.seed)
+            rew, _, cost = agent.evaluate(test_envs, eval_episodes=args.eval_episodes)
+            steps = sum(ph["steps"] for ph in phases)
+            print(
+                json.dumps(
+                    {
+                        "impl": f"fsrl-{args.skybox}",
+                        "task": args.task,
+                        "seed": args.seed,
+                        "threads": args.threads,
+                        "config": {k: v for k, v in vars(cfg).items() if not k.startswith("_")},
+                        "env_steps": steps,
+                        "updates": sum(ph["updates"] for ph in phases),
+                        "wall_s": t_total,
+                        "env_steps_per_s": steps / t_total,
+                        "eval_return": float(rew),
+                        "eval_cost": float(cost),
+                        "eval_episodes": args.eval_episodes,
+                        "pid": os.getpid(),
+                    }
+                )
+            )
+            return
 
     timed = phases[1:]
     wall = timed[-1]["update_end"] - timed[0]["collect_start"]

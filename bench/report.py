@@ -7,11 +7,10 @@ by bench/grid.py), ``bench/reference_results.toml`` (published numbers, each wit
 budget) and, when present, ``bench/results/vs_fsrl*.json`` (the side-by-side with FSRL's CVPO).
 With no grid dirs given, every ``results/*/summary.json`` is used, the largest grids first.
 
-The FSRL side-by-side hook: each ``vs_fsrl*.json`` is rendered generically — its top-level scalars
-as a list and every list of row objects as a table — so the bench that writes it decides the
-columns. Suggested row keys: task, impl ("cvpo-service" / "fsrl"), seeds, env_steps,
-eval_return and eval_cost (numbers or {"mean", "ci_low", "ci_high"}), feasible_fraction,
-wall_time_s, env_steps_per_s.
+The FSRL side-by-side: each ``vs_fsrl*.json`` is rendered by its ``benchmark`` field —
+``vs_fsrl`` (bench/vs_fsrl.py, throughput) and ``vs_fsrl_learning`` (bench/vs_fsrl_learning.py,
+learning at equal budget) as tables of their own; any other file generically, its top-level scalars
+as a list and every list of row objects as a table.
 """
 
 from __future__ import annotations
@@ -311,8 +310,105 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _ci_t(d: dict[str, Any]) -> str:
+    """A bench's ``mean_ci`` dict (Student-t interval) as ``mean [low, high]``."""
+    if d.get("n", 0) < 2:
+        return fmt_num(d["mean"])
+    return f"{fmt_num(d['mean'])} [{fmt_num(d['ci95_low'])}, {fmt_num(d['ci95_high'])}]"
+
+
+def throughput_lines(data: dict[str, Any]) -> list[str]:
+    """bench/vs_fsrl.py: env-steps/s of stock FSRL, FSRL with our fast resets, and ours, per task."""
+    machine = data.get("machine", {})
+    header = ["Task", "FSRL stock", "FSRL + our fast resets", "Ours", "Ours ÷ stock", "Ours ÷ fast resets"]
+    rows = []
+    for task, m in data.get("medians", {}).items():
+        med, ratios = m.get("median_env_steps_per_s", {}), m.get("ratios", {})
+        rows.append(
+            [
+                task,
+                *(fmt_num(med.get(k)) for k in ("fsrl-stock", "fsrl-fast", "ours")),
+                *(f"{ratios[k]:.2f}×" if k in ratios else "–" for k in ("ours_vs_fsrl-stock", "ours_vs_fsrl-fast")),
+            ]
+        )
+    return [
+        f"Training throughput (end-to-end env-steps/s, median over seeds and repeats) over a "
+        f"{fmt_steps(data.get('window_env_steps', 0))}-step window after one FSRL collect of warm-up, "
+        "one training env, "
+        f"{machine.get('threads', '?')} torch threads, each row a fresh process, one after another; FSRL's "
+        "safety-gymnasium config on both sides (128×128, one reward and one cost critic, K 16, batch 256, "
+        f"0.2 updates per step), no evaluation. Written {data.get('time', '?')}.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
+def learning_lines(data: dict[str, Any]) -> list[str]:
+    """bench/vs_fsrl_learning.py: both engines trained for the same budget and seeds, then evaluated."""
+    st, summary = data.get("settings", {}), data.get("summary", {})
+    names = {"fsrl": "FSRL CVPO (fast-safe-rl 0.1.0, stock)", "ours": "this repo's CVPO"}
+    rows = []
+    for arm, name in names.items():
+        if arm in summary:
+            a = summary[arm]
+            rows.append(
+                [
+                    name,
+                    str(a["eval_return"]["n"]),
+                    fmt_steps(st.get("budget", 0)),
+                    _ci_t(a["eval_return"]),
+                    _ci_t(a["eval_cost"]),
+                    f"{a['feasible_fraction']:.0%}",
+                    _ci_t(a["env_steps_per_s"]),
+                ]
+            )
+    ratio = summary.get("ratio_env_steps_per_s")
+    return [
+        f"Learning side by side on `{st.get('task')}`, cost limit {data.get('cost_limit', 25):g}, "
+        f"seeds {data.get('seeds')}, FSRL's config on both sides, {st.get('jobs')} runs at a time with "
+        f"{st.get('threads')} torch thread(s) each. Final policy evaluated with deterministic actions, "
+        f"{st.get('eval_episodes')} episodes per seed; intervals are 95 % Student-t over seeds; env-steps/s is "
+        f"training wall time over the whole budget. Written {data.get('time', '?')}.",
+        "",
+        *_table(
+            [
+                "Engine",
+                "Seeds",
+                "Env steps",
+                "Eval return [95 % CI]",
+                "Eval cost [95 % CI]",
+                "Cost ≤ limit",
+                "Env-steps/s",
+            ],
+            rows,
+        ),
+        "",
+        *([f"Throughput ratio, ours ÷ FSRL: **{ratio:.2f}×**.", ""] if ratio else []),
+    ]
+
+
+def generic_lines(data: dict[str, Any]) -> list[str]:
+    """Any other bench's JSON: top-level scalars as a list, every list of row objects as a table."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict) and not any(isinstance(v, list) for v in value.values()):
+            lines.append(f"- {key}: " + ", ".join(f"{k} {_cell(v)}" for k, v in value.items()))
+        elif not isinstance(value, list):
+            lines.append(f"- {key}: {_cell(value)}")
+    lines.append("")
+    for key, value in data.items():
+        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+            columns = list(dict.fromkeys(k for r in value for k in r))
+            lines += [f"{key}:", "", *_table(columns, [[_cell(r.get(c)) for c in columns] for r in value]), ""]
+    return lines
+
+
+RENDERERS = {"vs_fsrl": throughput_lines, "vs_fsrl_learning": learning_lines}
+
+
 def fsrl_section(paths: list[Path]) -> list[str]:
-    """The side-by-side with FSRL's CVPO, filled from whatever vs_fsrl*.json files exist."""
+    """The side-by-side with FSRL's CVPO, from whatever vs_fsrl*.json files exist."""
     lines = ["## Side by side with FSRL's CVPO", ""]
     if not paths:
         return [
@@ -324,16 +420,7 @@ def fsrl_section(paths: list[Path]) -> list[str]:
     for path in paths:
         data = json.loads(path.read_text())
         lines += [f"### `{os.path.relpath(path, ROOT)}`", ""]
-        for key, value in data.items():
-            if isinstance(value, dict) and not any(isinstance(v, list) for v in value.values()):
-                lines.append(f"- {key}: " + ", ".join(f"{k} {_cell(v)}" for k, v in value.items()))
-            elif not isinstance(value, list):
-                lines.append(f"- {key}: {_cell(value)}")
-        lines.append("")
-        for key, value in data.items():
-            if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
-                columns = list(dict.fromkeys(k for r in value for k in r))
-                lines += [f"{key}:", "", *_table(columns, [[_cell(r.get(c)) for c in columns] for r in value]), ""]
+        lines += RENDERERS.get(data.get("benchmark", ""), generic_lines)(data)
     return lines
 
 

@@ -78,10 +78,10 @@ def test_report_flags_small_grids(tmp_path: Path) -> None:
     assert "fewer than 10 evaluation episodes" in text
 
 
-def test_fsrl_side_by_side_is_filled_from_json(tmp_path: Path) -> None:
+def test_unknown_side_by_side_json_is_rendered_generically(tmp_path: Path) -> None:
     grid_dir = write(tmp_path, summary())
     fsrl = {
-        "benchmark": "vs_fsrl",
+        "benchmark": "vs_fsrl_other",
         "rows": [
             {"task": "SafetyPointCircle1-v0", "impl": "fsrl", "env_steps_per_s": 139.25},
             {
@@ -91,7 +91,7 @@ def test_fsrl_side_by_side_is_filled_from_json(tmp_path: Path) -> None:
             },
         ],
     }
-    (tmp_path / "vs_fsrl.json").write_text(json.dumps(fsrl))
+    (tmp_path / "vs_fsrl_other.json").write_text(json.dumps(fsrl))
     out = tmp_path / "b.md"
     assert main([str(grid_dir), "--out", str(out), "--fsrl-dir", str(tmp_path)]) == 0
     text = out.read_text()
@@ -99,6 +99,55 @@ def test_fsrl_side_by_side_is_filled_from_json(tmp_path: Path) -> None:
     assert "| task | impl | env_steps_per_s | eval_return |" in text
     assert "| SafetyPointCircle1-v0 | fsrl | 139 | – |" in text
     assert "| SafetyPointCircle1-v0 | cvpo-service | – | 5.00 [4.00, 6.00] |" in text
+
+
+def test_throughput_and_learning_side_by_side_get_their_own_tables(tmp_path: Path) -> None:
+    grid_dir = write(tmp_path, summary())
+    throughput = {
+        "benchmark": "vs_fsrl",
+        "machine": {"threads": 2},
+        "window_env_steps": 20000,
+        "medians": {
+            "SafetyPointGoal1-v0": {
+                "median_env_steps_per_s": {"fsrl-stock": 200.0, "fsrl-fast": 250.0, "ours": 600.0},
+                "ratios": {"ours_vs_fsrl-stock": 3.0, "ours_vs_fsrl-fast": 2.4},
+            }
+        },
+        "rows": [{"impl": "ours", "config": {"huge": list(range(50))}}],
+    }
+
+    def arm(ret: float, cost: float, sps: float, feasible: float) -> dict[str, Any]:
+        ci = lambda m: {"n": 5, "mean": m, "ci95_low": m - 1, "ci95_high": m + 1}  # noqa: E731
+        return {
+            "eval_return": ci(ret),
+            "eval_cost": ci(cost),
+            "env_steps_per_s": ci(sps),
+            "feasible_fraction": feasible,
+        }
+
+    learning = {
+        "benchmark": "vs_fsrl_learning",
+        "settings": {"task": "SafetyPointCircle1-v0", "budget": 50000, "eval_episodes": 10, "threads": 1, "jobs": 2},
+        "seeds": [0, 1, 2, 3, 4],
+        "cost_limit": 25.0,
+        "summary": {
+            "fsrl": arm(20.0, 30.0, 100.0, 0.4),
+            "ours": arm(25.0, 15.0, 250.0, 0.8),
+            "ratio_env_steps_per_s": 2.5,
+        },
+        "runs": [{"arm": "ours", "seed": 0, "config": {"huge": True}}],
+    }
+    (tmp_path / "vs_fsrl.json").write_text(json.dumps(throughput))
+    (tmp_path / "vs_fsrl_learning.json").write_text(json.dumps(learning))
+    out = tmp_path / "b.md"
+    assert main([str(grid_dir), "--out", str(out), "--fsrl-dir", str(tmp_path)]) == 0
+    text = out.read_text()
+    assert "| SafetyPointGoal1-v0 | 200 | 250 | 600 | 3.00× | 2.40× |" in text
+    assert "| FSRL CVPO (fast-safe-rl 0.1.0, stock) | 5 | 50 k | 20.0 [19.0, 21.0] | 30.0 [29.0, 31.0] | 40% |" in text
+    assert "| this repo's CVPO | 5 | 50 k | 25.0 [24.0, 26.0] | 15.0 [14.0, 16.0] | 80% | 250 [249, 251] |" in text
+    assert "ours ÷ FSRL: **2.50×**" in text
+    assert "cost limit 25," in text
+    assert "huge" not in text  # per-run configs stay in the JSON
 
 
 def test_budget_sentence_says_when_budgets_match_or_differ() -> None:
