@@ -78,16 +78,28 @@ class Problem(Exception):  # noqa: N818 - RFC 9457 calls it a problem
         self.extra = extra or {}
 
 
-def json_safe(value: Any) -> Any:
-    """Replace non-finite floats (and bytes) by strings so any input can be echoed back."""
+# Containers deeper than this are echoed as "<list>"/"<dict>": orjson refuses to encode past 254
+# levels and this function would hit Python's recursion limit near 1000, so echoing a hostile
+# deeply nested input back in a 422 used to be a 500. No response of the API nests near this deep.
+MAX_ECHO_DEPTH = 32
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what orjson can encode; bigger integers are echoed as strings
+
+
+def json_safe(value: Any, _depth: int = 0) -> Any:
+    """Replace what orjson cannot encode (non-finite floats, integers past 64 bits, bytes, very deep
+    containers) by strings, so any input can be echoed back."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict | list | tuple) and _depth >= MAX_ECHO_DEPTH:
+        return f"<{type(value).__name__}>"
     if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, _depth + 1) for v in value]
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+        return str(value) if value.bit_length() < 4096 else "<int>"  # str() refuses past 4300 digits
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)

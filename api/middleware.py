@@ -70,7 +70,7 @@ class LimitsMiddleware:
                     await self._problem(scope, send_with_id, problem)
                     return
                 receive = _replay(body, receive)
-                if self.act_app is not None and path.endswith("/act") and path.startswith("/policies/"):
+                if self.act_app is not None and _is_act_path(path):
                     await self.act_app(scope, receive, send_with_id)
                     return
             await self.app(scope, receive, send_with_id)
@@ -108,6 +108,14 @@ class LimitsMiddleware:
 
         response = problem_response(Request(scope), problem)
         await response(scope, _no_receive, send)
+
+
+def _is_act_path(path: str) -> bool:
+    """Exactly ``/policies/{one segment}/act``. An id holding a slash (``%2F`` decodes to one) has no
+    route in the one-route act router, whose not-found exception nothing there turned into a
+    problem: it was a 500. Such paths go to the main app, which answers 404."""
+    parts = path.split("/")
+    return len(parts) == 4 and parts[1] == "policies" and parts[2] != "" and parts[3] == "act"
 
 
 def _is_json(content_type: bytes) -> bool:

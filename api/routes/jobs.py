@@ -87,14 +87,16 @@ def _get_job(request: Request, job_id: str, principal: Principal) -> JobRecord:
 
 
 def parse_json_body(raw: bytes) -> Any:
-    """Strict JSON; NaN/Infinity literals are a 422 (they parse leniently), anything else a 400."""
+    """Strict JSON; NaN/Infinity literals are a 422 (they parse leniently), anything else a 400.
+    Nesting past orjson's 1024 levels is a 400 too (the lenient parser would hit Python's recursion
+    limit: that was a 500)."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         try:
             json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise Problem(400, "request body is not valid JSON") from exc
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise Problem(400, "request body is not valid JSON (or nested over 1024 levels)") from exc
         raise validation_problem(
             [{"loc": ["body"], "msg": "NaN and Infinity are not allowed; numbers must be finite", "input": None}]
         ) from exc
