@@ -29,6 +29,7 @@ from cvpo.config import TrainConfig, config_from_dict
 from cvpo.envs import ObservationNormalizer, SafeEnv
 from cvpo.learner import Learner, MinibatchTensors, sample_actions
 from cvpo.nets import ActorSnapshot
+from cvpo.runtime import keep_freed_memory
 from cvpo.thresholds import curriculum_threshold, per_step_threshold
 
 EVAL_SEED_BASE = 1_000_003  # evaluation layouts: the same episodes every epoch, apart from training's
@@ -114,6 +115,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         self.device = resolve_device(config.device)
+        keep_freed_memory()  # no page faults for each update's activations (cvpo/runtime.py)
         torch.set_num_threads(config.loop.torch_threads)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
