@@ -210,6 +210,7 @@ class Live:
     logs: dict[str, Path]
     policy_id: str
     controller: str  # an act-only token of the admin client
+    api: subprocess.Popen
 
     def raw(self, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes, float]:
         """One request on a fresh connection: (status, headers, body, seconds to the answer)."""
@@ -286,7 +287,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             with open(logs[name], "w") as log:
                 cmd = [sys.executable, "-m", "cvpo.cli", *argv]
                 procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        live = Live(port, settings.data_dir, tmp / "redis-data", logs, policy_id, controller)
+        live = Live(port, settings.data_dir, tmp / "redis-data", logs, policy_id, controller, procs[-1])
 
         def up() -> bool:
             with contextlib.suppress(OSError):
@@ -329,6 +330,33 @@ def test_inflight_cap_answers_503_at_once(live: Live) -> None:
     finally:
         for sock in held:
             sock.close()
+
+
+def test_inflight_cap_sheds_a_burst_of_inline_act_requests(live: Live) -> None:
+    """A burst of /act requests that arrive together (the API is stopped while 12 connections send,
+    then resumed): the cap of 2 serves the first and answers the rest 503 + Retry-After at once.
+    Regression: /act runs inline without awaiting, so requests ran one by one, the count never
+    passed 1, and all 12 were served after queueing instead."""
+    good = request_bytes("POST", f"/policies/{live.policy_id}/act", live.controller, act_body())
+    good = good.replace(b"Connection: close", b"Connection: keep-alive")
+    socks = [socket.create_connection(("127.0.0.1", live.port), timeout=10) for _ in range(12)]
+    try:
+        for sock in socks:  # the connections are accepted and idle before the burst
+            sock.sendall(good)
+            assert read_response(sock)[0] == 200
+        live.api.send_signal(signal.SIGSTOP)
+        try:
+            for sock in socks:
+                sock.sendall(good)
+        finally:
+            live.api.send_signal(signal.SIGCONT)
+        answers = [read_response(sock) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    statuses = [status for status, _, _ in answers]
+    assert 1 <= statuses.count(200) <= 2 and statuses.count(503) == 12 - statuses.count(200), statuses
+    assert all(h["retry-after"] == "1" for s, h, _ in answers if s == 503)
 
 
 @pytest.mark.parametrize(("path", "limit"), [("/jobs", 1024 * 1024), ("/policies/{pid}/act", 64 * 1024)])

@@ -1,0 +1,170 @@
+"""/act past saturation: does the in-flight cap shed load with 503 + Retry-After instead of queueing?
+(issue #9, service-design.md §2.6)
+
+For each batch size, on the real ``cvpo api`` (pinned to one CPU, the client on the other; no
+worker, no training): the sustainable rate is the closed-loop req/s at c=1; the unloaded p99 comes
+from an open loop at a quarter of it; then open loops offer each of ``--mults``× that rate over
+``--conns`` keep-alive connections, once with the in-flight cap set low (``--inflight``) and once
+with the default cap (128, above the connection count, so it never triggers: the queueing baseline).
+Latency is measured from the moment each request was due, so waiting anywhere (server, kernel,
+client) counts. Reports the share of 503s, whether every 503 carried Retry-After and problem+json,
+p99 of the accepted (200) requests against the unloaded p99, and the longest wait of any request.
+
+    .venv/bin/python bench/overload.py [--seconds 10] [--batches 1,64] [--inflight 4] [--mults 2,4]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from act_latency import drive_blocking
+from live import LiveService, Sample, act_request, cpu_seconds, machine_load, open_loop, summarise
+from results_io import write_result
+
+
+def _overload_row(samples: list[Sample], rate: float, unloaded_p99: float) -> dict[str, Any]:
+    row = summarise(samples)
+    sent = [s.sent for s in samples]
+    n503 = [s for s in samples if s.status == 503]
+    row.update(
+        {
+            "offered_req_per_s": rate,
+            "client_sent_req_per_s": len(samples) / (max(sent) - min(sent)),
+            "share_503": len(n503) / len(samples),
+            "n_503_without_retry_after": sum(not s.retry_after for s in n503),
+            "n_503_not_problem_json": sum(not s.problem_json for s in n503),  # uvicorn's own 503 is text/plain
+            "server_p99_ms": float(np.percentile([(s.done - s.sent) * 1e3 for s in samples], 99)),
+            "accepted_p99_over_unloaded_p99": (row["ok_p99_ms"] or float("nan")) / unloaded_p99,
+        }
+    )
+    return row
+
+
+def run_batch(batch: int, args: argparse.Namespace, tmp: Path, server_cpu: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"batch": batch, "overload": [], "_latencies": {}}
+    for cap in (args.inflight, 128):
+        env = {"CVPO_MAX_INFLIGHT": str(cap), "CVPO_RECONCILE_EVERY_S": "0"}
+        svc = LiveService(tmp / f"b{batch}-cap{cap}", env, api_cpu=server_cpu).start()
+        try:
+            request = act_request(svc.policy_id, svc.controller_token, rows=batch)
+            drive_blocking(svc.port, request, 1.0, 0.0)  # loads the policy, warms the server
+            if cap == args.inflight:
+                sustainable = drive_blocking(svc.port, request, args.seconds, 1.0)
+                quarter = sustainable["req_per_s"] / 4
+                unloaded = summarise(open_loop(svc.port, request, quarter, args.seconds, args.conns))
+                out.update({"sustainable_c1": sustainable, "unloaded_open_loop_quarter_rate": unloaded})
+                note = {"sustainable_req_per_s": sustainable["req_per_s"], "unloaded_p99_ms": unloaded["p99_ms"]}
+                print(json.dumps({"batch": batch, **note}), flush=True)
+            for mult in args.mults:
+                offered = mult * out["sustainable_c1"]["req_per_s"]
+                cpu0, server0, t0 = cpu_seconds(), cpu_seconds(svc.api_pid), time.perf_counter()
+                samples = open_loop(svc.port, request, offered, args.seconds, args.conns)
+                wall = time.perf_counter() - t0
+                row = _overload_row(samples, offered, out["unloaded_open_loop_quarter_rate"]["ok_p99_ms"])
+                row.update({"inflight_cap": cap, "mult": mult})
+                # Near 1.0: that side was the bottleneck (one CPU each).
+                row["client_cpu_share"] = (cpu_seconds() - cpu0) / wall
+                row["server_cpu_share"] = (cpu_seconds(svc.api_pid) - server0) / wall
+                out["overload"].append(row)
+                if mult == max(args.mults):
+                    out["_latencies"][str(cap)] = sorted(s.latency * 1e3 for s in samples if s.status == 200)
+                keys = ("share_503", "ok_p99_ms", "max_ms", "client_sent_req_per_s", "client_cpu_share",
+                        "server_cpu_share", "n_503_without_retry_after")
+                print(json.dumps({"batch": batch, "cap": cap, "mult": mult, **{k: row[k] for k in keys}}), flush=True)
+                time.sleep(1.0)
+        finally:
+            svc.stop()
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4), squeeze=False)
+    for ax, row in zip(axes[0], rows, strict=True):
+        for cap, lat in row.pop("_latencies").items():
+            if lat:
+                ax.plot(lat, np.linspace(0, 1, len(lat)), label=f"accepted, cap {cap}")
+        ax.axvline(row["unloaded_open_loop_quarter_rate"]["ok_p99_ms"], color="k", ls=":", label="unloaded p99")
+        ax.set_xscale("log")
+        ax.set_xlabel("latency from due time (ms)")
+        ax.set_ylabel("CDF")
+        ax.set_title(f"/act B={row['batch']}, {max(r['mult'] for r in row['overload']):g}x the sustainable rate")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per phase (10)")
+    parser.add_argument("--batches", default="1,64", help="observation rows per /act request (1,64)")
+    parser.add_argument("--inflight", type=int, default=4, help="CVPO_MAX_INFLIGHT for the capped runs (4)")
+    parser.add_argument("--mults", default="2,4", help="offered load / sustainable rate, each run (2,4)")
+    parser.add_argument("--conns", type=int, default=32, help="client keep-alive connections (32)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/overload.json"))
+    args = parser.parse_args()
+    args.mults = [float(m) for m in args.mults.split(",")]
+
+    load_before = machine_load()
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    if client_cpu is not None:
+        os.sched_setaffinity(0, {client_cpu})
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run_batch(int(b), args, Path(tmp), server_cpu) for b in args.batches.split(",")]
+    plot(rows, args.out.with_suffix(".png"))
+    summary: dict[str, Any] = {}
+    for r in rows:
+        for o in r["overload"]:
+            tag = "capped" if o["inflight_cap"] == args.inflight else "default_cap_128"
+            summary[f"B{r['batch']} {o['mult']:g}x {tag}"] = {
+                "sustainable_req_per_s": r["sustainable_c1"]["req_per_s"],
+                "unloaded_p99_ms": r["unloaded_open_loop_quarter_rate"]["ok_p99_ms"],
+                "offered_req_per_s": o["offered_req_per_s"],
+                "client_sent_req_per_s": o["client_sent_req_per_s"],
+                "share_503": o["share_503"],
+                "every_503_has_retry_after": o["n_503_without_retry_after"] == 0,
+                "accepted_p99_ms": o["ok_p99_ms"],
+                "accepted_p99_over_unloaded (goal <= 2)": o["accepted_p99_over_unloaded_p99"],
+                "max_latency_ms": o["max_ms"],
+                "server_cpu_share": o["server_cpu_share"],
+                "client_cpu_share": o["client_cpu_share"],
+            }
+    print(json.dumps(summary, indent=2))
+    write_result(
+        args.out,
+        "overload",
+        {
+            "server": "cvpo api (uvicorn, 1 process, log level warning), synthetic 2x256 policy, obs 60 -> act 2",
+            "client": f"open loop, {args.conns} keep-alive connections, raw sockets + uvloop; latency from due time",
+            "settings": vars(args) | {"out": str(args.out)},
+            "summary": summary,
+            "batches": rows,
+        },
+        cpus=len(cpus),
+        server_cpu=server_cpu,
+        client_cpu=client_cpu,
+        load_before=load_before,
+        load_after=machine_load(),
+        argv=sys.argv[1:],
+    )
+
+
+if __name__ == "__main__":
+    main()
