@@ -6,8 +6,9 @@ The real app (lifespan, auth, limits middleware) in-process, with a real redis-s
 store, synthetic policies (plain, box-shielded, hook-shielded, another client's) and jobs (queued,
 cancelled). For every operation, schemathesis generates valid and invalid requests, each with the
 admin token, an act-only token and no token; path ids are random or real ones (so the deep code
-paths are reached). Then Hypothesis sends arbitrary bytes and arbitrary JSON documents as the body
-of ``POST /jobs``, ``POST /policies`` and ``POST /policies/{id}/act``. A server error is any 5xx, or
+paths are reached). Then Hypothesis sends arbitrary bytes, arbitrary JSON documents and job specs
+with arbitrary values in their fields as the body of ``POST /jobs``, ``POST /policies`` and
+``POST /policies/{id}/act``. A server error is any 5xx, or
 a 4xx that is not problem+json. The job caps are lifted so that valid job specs reach the store.
 
     .venv/bin/python bench/fuzz_long.py [--examples 200] [--seed 0]
@@ -116,6 +117,15 @@ def fuzz_operations(app: Any, ids: dict[str, Any], examples: int, seed: int, tal
                             operation.as_strategy(mode, headers=headers, path_parameters={"policy_id": pid})
                         )
                     strategies.append(operation.as_strategy(mode, headers=headers))
+                    if operation.path.endswith("/act") and mode is GenerationMode.POSITIVE:  # reach the 200s
+                        pid = {"policy_id": ids["policies"]["plain"]}
+                        body = {"observations": [[0.5] * 6, [-3.0] * 6]}
+                        strategies.append(operation.as_strategy(mode, headers=headers, path_parameters=pid, body=body))
+                elif "{env_id}" in operation.path or "{preset_id}" in operation.path:
+                    key = "env_id" if "{env_id}" in operation.path else "preset_id"
+                    real = {"env_id": "SafetyPointCircle1-v0", "preset_id": "circle"}[key]
+                    strategies.append(operation.as_strategy(mode, headers=headers, path_parameters={key: real}))
+                    strategies.append(operation.as_strategy(mode, headers=headers))
                 else:
                     strategies.append(operation.as_strategy(mode, headers=headers))
             started = time.perf_counter()
@@ -163,7 +173,19 @@ def fuzz_bodies(client: Any, ids: dict[str, Any], examples: int, seed: int, tall
         lambda inner: st.one_of(st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=12), inner, max_size=6)),
         max_leaves=30,
     ).map(lambda doc: json.dumps(doc).encode())  # NaN/Infinity go out as literals; integers of any size
-    bodies = st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode), json_docs)
+    from cvpo.envs.catalogue import TASKS
+
+    values = st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20), st.lists(st.floats(), max_size=3),
+        st.dictionaries(st.text(max_size=20), st.integers(), max_size=3),
+    )  # fmt: skip
+    fields = ["seed", "cost_limit", "preset", "device", "hyperparams", "eval", "checkpoint_every_epochs", "labels",
+              "time_limit_s", "max_attempts", "algorithm", "observations", "job_id", "checkpoint_id", "shield"]
+    spec_like = st.fixed_dictionaries(  # job specs (and promotions, /act bodies) one or two fields from valid
+        {"env_id": st.sampled_from(sorted(TASKS)), "total_env_steps": st.integers(1, 20_000_000)},
+        optional={f: values for f in fields},
+    ).map(lambda doc: json.dumps(doc).encode())  # fmt: skip
+    bodies = st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode), json_docs, spec_like)
     headers = {"Authorization": f"Bearer {ADMIN}", "content-type": "application/json"}
     for path in ("/jobs", "/policies", f"/policies/{ids['policies']['plain']}/act"):
         name = f"POST {path} (raw bodies)"

@@ -149,13 +149,32 @@ def resolve_spec(spec: JobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     return echoed, config.to_dict()
 
 
+def _inline_defs(model: type[JobSpec]) -> dict[str, Any]:
+    """The model's JSON Schema with its ``$defs`` inlined. pydantic's ``#/$defs/EvalSpec`` resolves
+    within the model's own schema, but inside /openapi.json it points at nothing: schemathesis could
+    not build a POST /jobs body and sent none (every generated request was a 400), and OpenAPI
+    client generators fail the same way."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return inline(schema)
+
+
 @router.post(
     "/jobs",
     status_code=202,
     summary="Start a training job",
     responses={202: {"description": "Accepted; Location names the job"}, 409: {}, 422: {}, 429: {}, 503: {}},
     openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": JobSpec.model_json_schema()}}}
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _inline_defs(JobSpec)}}}
     },
 )
 async def create_job(

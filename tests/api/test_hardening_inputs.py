@@ -205,3 +205,27 @@ def test_odd_ids_in_paths_are_404(served: Served, odd: str) -> None:
         body = {"observations": [[0.5] * OBS_DIM]} if url.endswith("/act") else None
         r = served.client.request(method, url, json=body)
         assert_problem(r, {404, 405} if "%2F" in odd else 404)
+
+
+# ------------------------------------------------------------------------------------- OpenAPI
+
+
+def test_openapi_refs_resolve_so_fuzzers_generate_job_bodies(served: Served) -> None:
+    """Regression: POST /jobs' body schema carried pydantic's ``#/$defs/EvalSpec``, which points at
+    nothing inside /openapi.json; schemathesis then sent no body at all (every case was a 400)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    document = served.client.get("/openapi.json").json()
+    assert "#/$defs/" not in json.dumps(document)
+    body = document["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["eval"]["anyOf"][0]["properties"]["episodes"]["maximum"] == 100
+    operation = schemathesis.openapi.from_asgi("/openapi.json", served.client.app)["/jobs"]["POST"]
+
+    @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(GenerationMode.POSITIVE))
+    def check(case: Any) -> None:
+        assert isinstance(case.body, dict) and {"env_id", "total_env_steps"} <= set(case.body), case.body
+
+    check()
