@@ -97,7 +97,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     top.plot(t, [r["p50_ms"] for r in rows], label="p50")
     top.plot(t, [r["p99_ms"] for r in rows], label="p99")
     top.set_ylabel("/act latency (ms)")
-    top.set_yscale("log")
+    top.set_ylim(bottom=0)
     top.legend()
     top.set_title(title)
     bottom.plot(t, [r["rss_mib"] for r in rows], color="tab:green")
