@@ -302,7 +302,8 @@ def _report_epochs(run: Run, lines: list[dict[str, Any]], already: int) -> None:
         print(
             f"  {run.label} epoch {m['epoch']}: {m['env_steps']}/{run.config['total_env_steps']} steps, "
             f"eval R {_fmt(m.get('eval_return'))} C {_fmt(m.get('eval_cost'))}, "
-            f"λ {', '.join(f'{x:.3g}' for x in m['cost_multipliers'])}",
+            f"λ {', '.join(f'{x:.3g}' for x in m['cost_multipliers'])} "
+            f"(epoch mean {_fmt(m.get('cost_multiplier_0'), '.3g')})",
             flush=True,
         )
 
@@ -436,8 +437,11 @@ def collect_rows(grid: Grid, runs: list[Run], previous: list[dict[str, Any]] | N
                     "eval_episodes": len(m.get("eval_episode_returns") or []),
                     "train_return": m.get("train_return"),
                     "train_cost": m.get("train_cost"),
-                    "lambda": lambdas[0] if lambdas else None,
+                    "lambda": lambdas[0] if lambdas else None,  # after the epoch's last E-step
                     "lambdas": lambdas,
+                    # The E-step solves λ per minibatch, so the last value often sits at a bound; the
+                    # epoch's mean over its updates is the figure to plot.
+                    "lambda_epoch_mean": m.get("cost_multiplier_0"),
                     "cost_limit": (m.get("cost_limits") or [None])[0],
                     "feasible": m.get("feasible"),
                     "updates": m.get("updates"),

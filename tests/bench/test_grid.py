@@ -73,6 +73,8 @@ def test_grid_runs_in_parallel_skips_finished_runs_and_aggregates(tmp_path: Path
         for key in ("eval_return", "eval_cost", "train_return", "train_cost", "lambda", "wall_time_s"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), key
         assert r["lambdas"] == [r["lambda"]]
+        lower, upper = 1e-6 * (1 - 1e-9), 1e5 * (1 + 1e-9)  # AlgoConfig's dual bounds; a mean rounds
+        assert isinstance(r["lambda_epoch_mean"], float) and lower <= r["lambda_epoch_mean"] <= upper
 
     summary = json.loads((out / "summary.json").read_text())
     t = summary["tasks"][TASK]
