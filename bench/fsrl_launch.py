@@ -165,6 +165,14 @@ def main() -> None:
             show_progress=False,
         )
         t_total = time.perf_counter() - t_start
+        head = {
+            "impl": f"fsrl-{args.skybox}",
+            "task": args.task,
+            "seed": args.seed,
+            "threads": args.threads,
+            "vector_env": "DummyVectorEnv",
+            "config": {k: v for k, v in vars(cfg).items() if not k.startswith("_")},
+        }
         if args.budget:
             test_envs = DummyVectorEnv([lambda: gym.make(gym_id)])
             test_envs.seed(EVAL_SEED_BASE + args.seed)
@@ -173,11 +181,7 @@ def main() -> None:
             print(
                 json.dumps(
                     {
-                        "impl": f"fsrl-{args.skybox}",
-                        "task": args.task,
-                        "seed": args.seed,
-                        "threads": args.threads,
-                        "config": {k: v for k, v in vars(cfg).items() if not k.startswith("_")},
+                        **head,
                         "env_steps": steps,
                         "updates": sum(ph["updates"] for ph in phases),
                         "wall_s": t_total,
@@ -201,12 +205,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "impl": f"fsrl-{args.skybox}",
-                "task": args.task,
-                "seed": args.seed,
-                "threads": args.threads,
-                "vector_env": "DummyVectorEnv",
-                "config": {k: v for k, v in vars(cfg).items() if not k.startswith("_")},
+                **head,
                 "warmup_steps": phases[0]["steps"],
                 "env_steps": steps,
                 "updates": updates,
