@@ -32,8 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from live import machine_load
-from results_io import write_result
+from results_io import machine_load, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -32,17 +32,6 @@ ADMIN_TOKEN = "bench-admin-token-not-secret"
 EARLY_S = 0.0005  # the open loop sends a request this much before it is due rather than spin-wait
 
 
-def machine_load() -> dict[str, Any]:
-    """Load averages and CPU pressure (share of time runnable tasks waited for a CPU), as in vs_fsrl."""
-    out: dict[str, Any] = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        out["cpu_pressure_some"] = {k: float(v) for k, v in (f.split("=") for f in line.split()[1:4])}
-    except (OSError, IndexError, ValueError):
-        pass
-    return out
-
-
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU time of a process (default: this one), from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 from act_latency import drive_blocking
-from live import LiveService, Sample, act_request, cpu_seconds, machine_load, open_loop, summarise
-from results_io import write_result
+from live import LiveService, Sample, act_request, cpu_seconds, open_loop, summarise
+from results_io import machine_load, write_result
 
 
 def _overload_row(samples: list[Sample], rate: float, unloaded_p99: float) -> dict[str, Any]:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from live import LiveService, act_request, machine_load, open_loop, rss_mib, summarise
-from results_io import write_result
+from live import LiveService, act_request, open_loop, rss_mib, summarise
+from results_io import machine_load, write_result
 
 # The circle preset (2x256 nets, K=32) with shorter epochs, so progress shows every ~1000 steps.
 JOB = {

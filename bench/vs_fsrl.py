@@ -33,20 +33,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from results_io import machine_load  # noqa: E402  (bench/ is on the path only from here)
+
 TASKS = ("SafetyPointCircle1-v0", "SafetyPointGoal1-v0")
 FSRL_ROWS = ("fsrl-stock", "fsrl-fast")
 OURS_ROWS = ("ours", "ours-1t")  # ours with --threads torch threads (as FSRL), and with one thread
-
-
-def machine_load() -> dict[str, Any]:
-    """Load averages and the kernel's CPU pressure (share of time runnable tasks waited for a CPU)."""
-    out: dict[str, Any] = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        out["cpu_pressure_some"] = {k: float(v) for k, v in (f.split("=") for f in line.split()[1:4])}
-    except (OSError, IndexError, ValueError):
-        pass
-    return out
 
 
 def ours_config(task: str, seed: int, warmup: int, window: int, threads: int) -> dict[str, Any]:

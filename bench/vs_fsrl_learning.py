@@ -79,8 +79,7 @@ def main() -> None:
     import torch
     from fsrl_env import ensure_venv
     from learning_equivalence import mean_ci
-    from results_io import write_result
-    from vs_fsrl import machine_load
+    from results_io import machine_load, write_result
 
     fsrl_python = ensure_venv(quiet=True)
     settings = {
