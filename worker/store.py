@@ -1007,6 +1007,7 @@ def latest_view(metrics: dict[str, Any]) -> dict[str, Any]:
     """The job resource's ``latest`` block from one epoch's engine metrics (service-design.md §1.3)."""
     limits = metrics.get("cost_limits") or []
     lams = metrics.get("cost_multipliers") or []
+    means = [metrics[f"cost_multiplier_{i}"] for i in range(len(lams)) if f"cost_multiplier_{i}" in metrics]
     return {
         "epoch": metrics.get("epoch"),
         "train_reward": metrics.get("train_return"),
@@ -1016,7 +1017,11 @@ def latest_view(metrics: dict[str, Any]) -> dict[str, Any]:
         "cost_limit": limits[0] if limits else None,
         "cost_limits": limits,
         "feasible": metrics.get("feasible"),
-        "lagrange_multiplier": lams[0] if lams else None,
+        "lagrange_multiplier": lams[0] if lams else None,  # after the epoch's last E-step
         "lagrange_multipliers": lams,
+        # The E-step solves λ per minibatch, so its last value often sits at a dual bound; the mean
+        # over the epoch's updates is the one to watch.
+        "lagrange_multiplier_mean": means[0] if means else None,
+        "lagrange_multipliers_mean": means,
         "temperature": metrics.get("temperature_last"),
     }

@@ -353,19 +353,27 @@
     let lastSeq = 0;
     let redrawQueued = false;
 
+    // λ is solved per minibatch and its end-of-epoch value often sits at a bound: plot the epoch's mean
+    // over its updates (cost_multiplier_i in the metrics) where the metrics have it.
+    function epochMeanLambdas(v) {
+      const out = [];
+      for (let i = 0; `cost_multiplier_${i}` in v; i++) out.push(v[`cost_multiplier_${i}`]);
+      return out.length ? out : null;
+    }
     function fromHistory(p) {
       const v = p.values || {};
       return {
         epoch: p.epoch, env_step: p.env_step, eval_reward: v.eval_return, eval_cost: v.eval_cost,
         train_reward: v.train_return, train_cost: v.train_cost,
-        cost_limit: (v.cost_limits || [])[0], lambdas: v.cost_multipliers || [],
+        cost_limit: (v.cost_limits || [])[0], lambdas: epochMeanLambdas(v) || v.cost_multipliers || [],
       };
     }
     function fromEvent(d) {
       return {
         epoch: d.epoch, env_step: d.env_step, eval_reward: d.eval_reward, eval_cost: d.eval_cost,
         train_reward: d.train_reward, train_cost: d.train_cost, cost_limit: d.cost_limit,
-        lambdas: d.lagrange_multipliers || (d.lagrange_multiplier === undefined ? [] : [d.lagrange_multiplier]),
+        lambdas: (d.lagrange_multipliers_mean && d.lagrange_multipliers_mean.length ? d.lagrange_multipliers_mean : null)
+          || d.lagrange_multipliers || (d.lagrange_multiplier === undefined ? [] : [d.lagrange_multiplier]),
       };
     }
     // A resumed attempt rewrites epochs from its checkpoint on: a point for an epoch already shown with a

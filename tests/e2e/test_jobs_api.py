@@ -57,6 +57,9 @@ def test_happy_path_trains_reports_reward_and_cost_and_promotes(api: Any, servic
     latest = job["latest"]
     for key in ("train_reward", "train_cost", "eval_reward", "eval_cost", "lagrange_multiplier"):
         assert isinstance(latest[key], float), key
+    # λ's epoch mean: one per constraint, inside the dual bounds (a mean of values clipped to them).
+    assert latest["lagrange_multipliers_mean"] == [latest["lagrange_multiplier_mean"]]
+    assert 1e-6 * (1 - 1e-9) <= latest["lagrange_multiplier_mean"] <= 1e5 * (1 + 1e-9)
     assert latest["cost_limit"] == 25.0 and latest["feasible"] == (latest["eval_cost"] <= 25.0)
     assert job["best"]["epoch"] in (0, 1, 2)
 
