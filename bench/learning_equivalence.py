@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -60,17 +59,6 @@ def run_config(seed: int, budget: int, eval_episodes: int) -> dict[str, Any]:
     return cfg
 
 
-def mean_ci(values: list[float]) -> dict[str, float]:
-    """Mean, sample std and the 95 % Student-t interval of the mean."""
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else math.inf
-    return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
-
-
 def extract_baseline(rev: str, into: Path) -> Path:
     archive = into / "baseline.tar"
     with open(archive, "wb") as f:
@@ -91,6 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from results_io import write_result
+    from stats import mean_ci
 
     done: list[dict[str, Any]] = []
     if args.out.exists():

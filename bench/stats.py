@@ -1,6 +1,6 @@
-"""Benchmark statistics: bootstrap confidence intervals, feasible fraction, curve alignment.
+"""Benchmark statistics: bootstrap confidence intervals, Student-t intervals, feasible fraction, curve alignment.
 
-Pure numpy, so the numbers in ``docs/benchmarks.md`` come from one small tested module. With the
+One small tested module, so the numbers in ``docs/benchmarks.md`` and the bench JSON come from it. With the
 5 seeds a benchmark can afford, a percentile bootstrap of the mean makes no normality assumption
 about final returns (often bimodal: some seeds learn, some do not); it is slightly narrow for
 tiny n, which the report states beside the seed count.
@@ -8,6 +8,7 @@ tiny n, which the report states beside the seed count.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -50,6 +51,18 @@ def bootstrap_ci(
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     # Rounding can put a quantile a hair outside [min, max] or past the mean on constant data.
     return mean, float(min(low, mean)), float(max(high, mean))
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample std and the 95 % Student-t interval of the mean (infinite for one value): the
+    paired benches (learning_equivalence, vs_fsrl_learning) compare two arms by these."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else math.inf
+    return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
 
 
 def feasible_fraction(costs: ArrayLike, limit: float) -> float:

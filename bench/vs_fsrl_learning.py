@@ -78,8 +78,8 @@ def main() -> None:
 
     import torch
     from fsrl_env import ensure_venv
-    from learning_equivalence import mean_ci
     from results_io import machine_load, write_result
+    from stats import feasible_fraction, mean_ci
 
     fsrl_python = ensure_venv(quiet=True)
     settings = {
@@ -102,7 +102,7 @@ def main() -> None:
             rows = [r for r in runs if r["arm"] == arm]
             if rows:
                 out[arm] = {k: mean_ci([r[k] for r in rows]) for k in ("eval_return", "eval_cost", "env_steps_per_s")}
-                out[arm]["feasible_fraction"] = sum(r["eval_cost"] <= COST_LIMIT for r in rows) / len(rows)
+                out[arm]["feasible_fraction"] = feasible_fraction([r["eval_cost"] for r in rows], COST_LIMIT)
         if all(a in out for a in ARMS):
             out["ratio_env_steps_per_s"] = (
                 out["ours"]["env_steps_per_s"]["mean"] / out["fsrl"]["env_steps_per_s"]["mean"]

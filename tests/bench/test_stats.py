@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.stats import align_curves, band, bootstrap_ci, feasible_fraction
+from bench.stats import align_curves, band, bootstrap_ci, feasible_fraction, mean_ci
 
 
 def test_bootstrap_covers_the_true_mean_about_95_percent_of_the_time() -> None:
@@ -121,3 +121,13 @@ def test_band_skips_missing_seeds_per_point() -> None:
     np.testing.assert_allclose(mean[:2], [3.0, 3.0])
     assert low[0] < 3.0 < high[0]
     assert np.isnan(mean[2]) and np.isnan(low[2]) and np.isnan(high[2])
+
+
+def test_mean_ci_is_the_student_t_interval_of_the_mean() -> None:
+    out = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, sample std √2.5, t(0.975, 4) = 2.7764451: half-width 2.7764451·√2.5/√5 = 1.9632
+    assert out["n"] == 5 and out["mean"] == 3.0 and out["std"] == pytest.approx(2.5**0.5)
+    assert out["ci95_low"] == pytest.approx(3.0 - 1.963243, abs=1e-5)
+    assert out["ci95_high"] == pytest.approx(3.0 + 1.963243, abs=1e-5)
+    one = mean_ci([7.0])
+    assert one["mean"] == 7.0 and one["std"] == 0.0 and one["ci95_low"] == -np.inf and one["ci95_high"] == np.inf
