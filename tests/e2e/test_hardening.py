@@ -25,7 +25,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, TINY_SPEC, TOKEN, RedisServer, Service, env_for, service_settings, wait_until
+from tests.conftest import (
+    ROOT,
+    TINY_SPEC,
+    TOKEN,
+    RedisServer,
+    Service,
+    WorkerProcess,
+    env_for,
+    service_settings,
+    wait_until,
+)
 from tests.e2e.test_jobs_api import MINIMAL, assert_problem, post_job
 from worker.service import free_port
 
@@ -249,16 +259,6 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body[:length]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     from tests.api.artefact_factory import write_random_artefact
@@ -281,13 +281,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     _, controller = store.create_token("arm", ["policies:act"], client="admin")
     store.engine.dispose()
     logs = {"api": tmp / "api.log", "worker": tmp / "worker.log"}
-    procs = []
+    procs: list[WorkerProcess] = []  # SIGTERM then SIGKILL on teardown, the worker's pool children too
     try:
         for name, argv in (("worker", ["worker", "--log-level", "debug"]), ("api", ["api", "--log-level", "debug"])):
             with open(logs[name], "w") as log:
                 cmd = [sys.executable, "-m", "cvpo.cli", *argv]
-                procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        live = Live(port, settings.data_dir, tmp / "redis-data", logs, policy_id, controller, procs[-1])
+                proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                procs.append(WorkerProcess(proc, logs[name]))
+        live = Live(port, settings.data_dir, tmp / "redis-data", logs, policy_id, controller, procs[-1].proc)
 
         def up() -> bool:
             with contextlib.suppress(OSError):
@@ -298,7 +299,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         yield live
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            proc.stop(timeout_s=30)
         redis.stop(signal.SIGKILL)
 
 
