@@ -317,6 +317,21 @@ def _ci_t(d: dict[str, Any]) -> str:
     return f"{fmt_num(d['mean'])} [{fmt_num(d['ci95_low'])}, {fmt_num(d['ci95_high'])}]"
 
 
+def _config_summary(data: dict[str, Any]) -> str:
+    """`` (128×128, 1 reward critic(s) and 1 cost critic(s), K 16, …)`` from our row's resolved config in
+    the JSON, so the sizes in the report are the ones that ran; empty when no row carries one."""
+    ours = [r["config"] for r in data.get("rows", []) if r.get("impl") == "ours" and "network" in r.get("config", {})]
+    if not ours:
+        return ""
+    cfg = ours[0]
+    n, a = cfg["network"], cfg["algo"]
+    costs = len(cfg.get("constraints", {}).get("cost_limits", [None]))
+    return (
+        f" ({'×'.join(map(str, n['critic_hidden']))}, {n['reward_critics']} reward critic(s) and {costs} cost "
+        f"critic(s), K {a['num_samples']}, batch {a['batch_size']}, {a['updates_per_step']:g} updates per step)"
+    )
+
+
 def throughput_lines(data: dict[str, Any]) -> list[str]:
     """bench/vs_fsrl.py: env-steps/s of stock FSRL, FSRL with our fast resets, and ours, per task."""
     machine = data.get("machine", {})
@@ -336,8 +351,8 @@ def throughput_lines(data: dict[str, Any]) -> list[str]:
         f"{fmt_steps(data.get('window_env_steps', 0))}-step window after one FSRL collect of warm-up, "
         "one training env, "
         f"{machine.get('threads', '?')} torch threads, each row a fresh process, one after another; FSRL's "
-        "safety-gymnasium config on both sides (128×128, one reward and one cost critic, K 16, batch 256, "
-        f"0.2 updates per step), no evaluation. Written {data.get('time', '?')}.",
+        f"safety-gymnasium config on both sides{_config_summary(data)}, no evaluation. "
+        f"Written {data.get('time', '?')}.",
         "",
         *_table(header, rows),
         "",

@@ -113,7 +113,17 @@ def test_throughput_and_learning_side_by_side_get_their_own_tables(tmp_path: Pat
                 "ratios": {"ours_vs_fsrl-stock": 3.0, "ours_vs_fsrl-fast": 2.4},
             }
         },
-        "rows": [{"impl": "ours", "config": {"huge": list(range(50))}}],
+        "rows": [
+            {
+                "impl": "ours",
+                "config": {
+                    "network": {"critic_hidden": [64, 32], "reward_critics": 2},
+                    "algo": {"num_samples": 8, "batch_size": 128, "updates_per_step": 0.25},
+                    "constraints": {"cost_limits": [25.0]},
+                    "huge": list(range(50)),
+                },
+            }
+        ],
     }
 
     def arm(ret: float, cost: float, sps: float, feasible: float) -> dict[str, Any]:
@@ -148,6 +158,8 @@ def test_throughput_and_learning_side_by_side_get_their_own_tables(tmp_path: Pat
     assert "ours ÷ FSRL: **2.50×**" in text
     assert "cost limit 25," in text
     assert "huge" not in text  # per-run configs stay in the JSON
+    # the sizes in the sentence are read from our row's config, not typed into the report
+    assert "(64×32, 2 reward critic(s) and 1 cost critic(s), K 8, batch 128, 0.25 updates per step)" in text
 
 
 def test_budget_sentence_says_when_budgets_match_or_differ() -> None:
