@@ -302,19 +302,27 @@ def solve_dual(
     - Non-finite inputs or a non-finite result keep the starting (η, λ) and set ``fallback``
       (§2.5 step 5).
     - m = 0 (``q_cost`` of shape (0, B, K)) solves for η alone.
-    - ``max_iter`` caps the L-BFGS-B iterations in total. In log space a coordinate at the lower bound
-      has a vanishing gradient, which can stall L-BFGS-B (or end it early, with a stale curvature
-      memory) although the linear-space gradient says "increase"; such solves are restarted with a
-      fresh memory and the stalled coordinates lifted to their natural scale, while iterations last.
+    - ``max_iter`` caps the L-BFGS-B iterations in total (Newton steps, below, are not counted). In log
+      space a coordinate at the lower bound has a vanishing gradient, which can stall L-BFGS-B (or end
+      it early, with a stale curvature memory) although the linear-space gradient says "increase"; such
+      solves are restarted with a fresh memory and the stalled coordinates lifted to their natural
+      scale, while iterations last.
     - ``success`` means every coordinate not held at a bound has a negligible effect on g or meets its
       optimality condition (|ε − KL| and |c̄_i − weighted cost_i| relative to Q_c's per-state spread)
       to 1e-7; ``False`` alone is not a failure (§2.5 step 5).
 
-    - ``newton_steps > 0``: first try that many projected Newton steps (analytic Hessian, backtracking)
-      from the warm start, accepted only when they pass the same ``success`` test; otherwise the
-      L-BFGS-B solve runs from the warm start as without them. In training the optimum moves little
-      between minibatches, so two or three Newton steps replace ~10 L-BFGS-B iterations and their
-      SciPy overhead (~0.1 ms instead of 1–10 ms); ``iterations`` counts both kinds.
+    - ``newton_steps > 0``: first try projected Newton steps (analytic Hessian, backtracking; η moves in
+      log space, λ linearly) from up to three starts, each accepted only when it passes the same
+      ``success`` test: the warm start (``newton_steps`` steps; one when it is saturated), a cold point
+      (λ at the floor, η at the advantages' spread; twice as many steps) and the upper corner of the
+      bounds (where the optimum sits when no weights in the KL ball meet the constraints). Only if all
+      fail does the L-BFGS-B solve run from the warm start. In training the optimum moves little between
+      most minibatches, so a few Newton steps replace ~10–30 L-BFGS-B iterations and their SciPy
+      overhead; measured on 1 200 solves captured from PointGoal1 training, the mean solve fell from
+      1.7 to 1.0 ms and the share meeting ``success`` rose from 97.3 % to 99.75 %. ``iterations`` counts
+      both kinds.
+    - A constraint whose threshold lies below the batch mean of its per-state minimum cost cannot be met
+      by any weights; its λ_i starts (and stays) at the upper bound.
 
     Inputs may be float32; everything is computed in float64 and nothing is written into them. The
     rewards are centred per state internally, which leaves (η*, λ*) unchanged (§9 I6) and keeps g at
@@ -423,53 +431,95 @@ def solve_dual(
         stalled = (x < natural - _LIFT_GAP) & (g_nat < -_LIFT_TOL)
         return bool(residual.max() <= _ACCEPT_TOL) and not stalled.any(), stalled, g_lin
 
-    def newton(x: np.ndarray) -> tuple[np.ndarray | None, int]:
-        """Projected Newton steps in log space; (solution, steps) if it passes ``check``, else (None, steps)."""
-        for step in range(int(newton_steps) + 1):
+    def newton(x: np.ndarray, budget: int) -> tuple[np.ndarray | None, int]:
+        """Projected Newton steps in u = (log η, λ); (log-space solution, steps) if it passes ``check``.
+
+        η moves multiplicatively (at most e^2 per step) while λ moves linearly, projected into its
+        bounds: in log space a λ near the floor moves by factors of e^2 per step, which turns a
+        constraint switching on or off into a dozen steps; linearly it is one or two (the dual is
+        jointly convex in (η, λ), §2.2).
+        """
+        lo_u = np.concatenate(([log_lo], np.full(free.size, lo)))
+        hi_u = np.concatenate(([log_hi], np.full(free.size, hi)))
+
+        def to_x(u: np.ndarray) -> np.ndarray:
+            return np.concatenate((u[:1], np.log(u[1:])))
+
+        u = np.concatenate((x[:1], np.exp(x[1:])))
+        for step in range(budget + 1):
+            x = to_x(u)
             state = check(x)
             if state is None:
                 return None, step
-            done, stalled, g_lin = state
+            done, _, g_lin = state
             if done:
                 return x, step
-            if stalled.any() or step == int(newton_steps):
+            if step == budget:
                 return None, step
-            p = np.exp(x)
             eta, lam = unpack(x)
+            jac = np.ones_like(u)
+            jac[0] = eta
             h_lin = _hessian(eta, lam, qr, qc2)[np.ix_(keep, keep)]
-            hess = (p[:, None] * p[None, :] * h_lin + np.diag(p * g_lin)) / scale
-            grad = g_lin * p / scale
-            at_lo, at_hi = x <= log_lo + 1e-12, x >= log_hi - 1e-12
+            hess = jac[:, None] * jac[None, :] * h_lin
+            hess[0, 0] += eta * g_lin[0]
+            hess /= scale
+            grad = g_lin * jac / scale
+            at_lo, at_hi = u <= lo_u * (1.0 + 1e-12), u >= hi_u * (1.0 - 1e-12)
+            at_lo[0], at_hi[0] = u[0] <= log_lo + 1e-12, u[0] >= log_hi - 1e-12
             move = ~((at_lo & (grad > 0.0)) | (at_hi & (grad < 0.0)))  # bound-held coordinates stay put
-            direction = np.zeros_like(x)
+            direction = np.zeros_like(u)
             try:
                 direction[move] = -np.linalg.solve(hess[np.ix_(move, move)], grad[move])
             except np.linalg.LinAlgError:
                 return None, step
-            slope = float(grad @ direction)
-            if not (np.isfinite(direction).all() and slope < 0.0):
+            if not (np.isfinite(direction).all() and float(grad @ direction) < 0.0):
                 return None, step  # not a descent direction (Hessian not positive definite here)
-            direction = np.clip(direction, -_NEWTON_MAX_STEP, _NEWTON_MAX_STEP)
+            direction[0] = min(max(direction[0], -_NEWTON_MAX_STEP), _NEWTON_MAX_STEP)
             f0, t = evaluate(x).value / scale, 1.0
             for _ in range(_NEWTON_BACKTRACKS):
-                trial = np.clip(x + t * direction, log_lo, log_hi)
-                if evaluate(trial).value / scale <= f0 + 1e-4 * t * slope:
+                trial = np.clip(u + t * direction, lo_u, hi_u)
+                if evaluate(to_x(trial)).value / scale <= f0 + 1e-4 * float(grad @ (trial - u)):
                     break
                 t *= 0.5
             else:
                 return None, step
-            x = trial
-        return None, int(newton_steps)
+            u = trial
+        return None, budget
 
     keep = np.concatenate(([0], 1 + free))  # η and the free λ_i, in Hessian index order
+    # A constraint whose threshold lies below the batch mean of its per-state minimum cost cannot be met
+    # by any weights: ∂g/∂λ_i = c̄_i − weighted cost_i < 0 everywhere, so λ_i* is the upper bound (§8.1 P2).
+    infeasible = (cbar[free] < qc[free].min(axis=2).mean(axis=1)) if free.size else np.zeros(0, bool)
     x = np.concatenate(([math.log(eta0)], np.log(lam0[free])))
+    x[1:][infeasible] = log_hi
     nit, restarts, converged, message = 0, 0, False, ""
     if newton_steps > 0:
-        x_newton, nit = newton(x)
-        if x_newton is not None:
-            x, converged, message = x_newton, True, f"converged in {nit} Newton step(s)"
+        # Starts, in order, until one converges:
+        # 1. the warm start (one step only when it is saturated: leaving saturation is the common case);
+        # 2. the cold point, λ at the floor (or the bound when infeasible) and η at A's spread there,
+        #    for a warm start far off (leaving saturation, a constraint switching on);
+        # 3. the corner (η, λ) = hi: when no weights inside the KL ball meet the constraints the dual
+        #    decreases without bound towards large (η, λ) and the bounded optimum sits near that corner.
+        lam_cold = np.full(m, lo)
+        lam_cold[free[infeasible]] = hi
+        spread_a = float(_advantages(qr, qc2, lam_cold).std(axis=1).mean())
+        eta_cold = min(max(spread_a if spread_a > 0.0 else scale, lo), hi)
+        saturated_start = bool((x[1:] >= log_hi - 1e-12).any())
+        starts = [
+            (x, 1 if saturated_start else int(newton_steps)),
+            (np.concatenate(([math.log(eta_cold)], np.log(lam_cold[free]))), 2 * int(newton_steps)),
+        ]
+        if free.size:
+            starts.append((np.full(1 + free.size, log_hi), int(newton_steps)))
+        for start, budget in starts:
+            x_newton, steps = newton(start, budget)
+            nit += steps
+            if x_newton is not None:
+                x, converged, message = x_newton, True, f"converged in {nit} Newton step(s)"
+                break
+    newton_iterations = nit
     while not converged:
-        res = _minimize(objective, x, [(log_lo, log_hi)] * x.size, int(max_iter) - nit)
+        res = _minimize(objective, x, [(log_lo, log_hi)] * x.size, int(max_iter) - (nit - newton_iterations))
         nit += int(res.nit)
         message = str(res.message)
         x = np.clip(res.x, log_lo, log_hi)
@@ -479,7 +529,7 @@ def solve_dual(
         if state is None:
             break
         converged, stalled, _ = state
-        if converged or nit >= max_iter or restarts >= _MAX_RESTARTS:
+        if converged or nit - newton_iterations >= max_iter or restarts >= _MAX_RESTARTS:
             break
         x = np.where(stalled, natural, x)
         restarts += 1

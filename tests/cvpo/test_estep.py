@@ -673,6 +673,37 @@ def test_newton_warm_start_reaches_the_cold_solution(case: str, factor: float) -
         assert warm.success and "Newton" in warm.message and warm.iterations <= 4
 
 
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+@pytest.mark.parametrize("start", ["saturated", "floor", "interior"])
+def test_newton_recovers_from_far_warm_starts(case: str, start: str) -> None:
+    """Leaving saturation, a constraint switching on, or entering infeasibility: the warm start is far
+    from the optimum, and the cold and corner restarts still let Newton reach L-BFGS-B's solution."""
+    data, _ = load_golden(case)
+    qr, qc, cbar, eps = data["q_reward"], data["q_cost"], data["per_step_threshold"], float(data["kl_bound"])
+    m = qc.shape[0]
+    cold = solve_cold(qr, qc, cbar, eps)
+    init = {"saturated": (HI, np.full(m, HI)), "floor": (cold.temperature, np.full(m, LO)),
+            "interior": (cold.temperature * 0.3 if case == "infeasible_1c" else 0.3, np.full(m, 0.05))}[start]
+    warm = solve_cold(qr, qc, cbar, eps, init_temperature=init[0], init_multipliers=init[1], newton_steps=4)
+    assert warm.success == cold.success and warm.saturated.tolist() == cold.saturated.tolist()
+    assert "Newton" in warm.message, warm.message
+    assert warm.iterations <= 1 + 8 + 4
+    assert warm.dual_value <= cold.dual_value + 1e-9 * abs(cold.dual_value)
+    assert warm.temperature == pytest.approx(cold.temperature, rel=1e-5)
+    np.testing.assert_allclose(warm.cost_multipliers, cold.cost_multipliers, rtol=1e-5)
+
+
+def test_newton_keeps_a_threshold_below_every_cost_at_the_bound() -> None:
+    """c̄ below the batch mean of the per-state minimum cost: no weights can meet it, so λ* is the upper
+    bound whatever the warm start; the solver places it there before any step (§8.1 P2)."""
+    qr, qc, _, eps = make_problem(7)
+    cbar = np.array([qc[0].min(axis=1).mean() - 0.01])
+    for init in ((0.2, [LO]), (1.0, [0.5]), (HI, [HI])):
+        sol = solve_cold(qr, qc, cbar, eps, init_temperature=init[0], init_multipliers=init[1], newton_steps=4)
+        assert sol.saturated.tolist() == [True] and sol.cost_multipliers[0] == pytest.approx(HI)
+        assert "Newton" in sol.message
+
+
 def test_newton_steps_on_random_problems_and_validation() -> None:
     for seed in range(5):
         qr, qc, cbar, eps = make_problem(80 + seed, m=1 + seed % 2)
