@@ -92,6 +92,8 @@ class _Eval:
     grad_lam: np.ndarray  # c̄ − weighted cost, shape (m,)
     mean_kl: float
     weighted_cost: np.ndarray  # (m,)
+    advantages: np.ndarray  # A (B, K), kept for the Hessian at the same point
+    weights: np.ndarray  # w (B, K)
 
 
 def _flat(qc: np.ndarray) -> np.ndarray:
@@ -140,7 +142,9 @@ def _evaluate(
     finite = np.isfinite(cbar)
     lin = float(lam[finite] @ cbar[finite])
     value = eta * eps + lin + float(M.mean()) + eta * (mean_lse - log_k)
-    return _Eval(value=value, grad_eta=eps - kl, grad_lam=cbar - wc, mean_kl=kl, weighted_cost=wc)
+    return _Eval(
+        value=value, grad_eta=eps - kl, grad_lam=cbar - wc, mean_kl=kl, weighted_cost=wc, advantages=A, weights=w
+    )
 
 
 def _hessian(eta: float, lam: np.ndarray, qr: np.ndarray, qc2: np.ndarray) -> np.ndarray:
@@ -148,13 +152,18 @@ def _hessian(eta: float, lam: np.ndarray, qr: np.ndarray, qc2: np.ndarray) -> np
 
     ``qc2`` is Q_c reshaped to (m, B·K). One pass of weighted moments, (1 + m) × (1 + m).
     """
-    B, K = qr.shape
-    m = qc2.shape[0]
     A = _advantages(qr, qc2, lam)
     z = A - A.max(axis=1, keepdims=True)
     z /= eta
     w = np.exp(z)
     w /= w.sum(axis=1, keepdims=True)
+    return _hessian_at(eta, A, w, qc2)
+
+
+def _hessian_at(eta: float, A: np.ndarray, w: np.ndarray, qc2: np.ndarray) -> np.ndarray:
+    """:func:`_hessian` from the advantages A and weights w an evaluation at (η, λ) already computed."""
+    B, K = A.shape
+    m = qc2.shape[0]
     v = np.empty((1 + m, B, K))
     v[0] = A
     v[1:] = qc2.reshape(m, B, K)
@@ -262,6 +271,8 @@ class DualSolution:
         saturated: bool (m,), λ_i at its upper bound: "constraint infeasible on sampled actions" (P2).
         fallback: the solve produced non-finite values and the starting (η, λ) were kept.
         message: optimiser message plus notes on saturation, fallback and warm-start resets.
+        weights: the E-step weights q_sj at (η, λ), (B, K): what :func:`estep_weights` returns for them
+            (to float64 rounding), from the solver's last evaluation instead of a second pass.
     """
 
     temperature: float
@@ -274,6 +285,7 @@ class DualSolution:
     saturated: np.ndarray
     fallback: bool
     message: str
+    weights: np.ndarray
 
 
 def solve_dual(
@@ -358,6 +370,7 @@ def solve_dual(
     def fallback(reason: str) -> DualSolution:
         with np.errstate(all="ignore"):
             ev = _evaluate(eta0, lam0, qr_in, qc2, cbar, eps)
+            weights = estep_weights(qr_in, qc, eta0, lam0)
         return DualSolution(
             temperature=eta0,
             cost_multipliers=lam0.copy(),
@@ -369,6 +382,7 @@ def solve_dual(
             saturated=np.zeros(m, dtype=bool),
             fallback=True,
             message="; ".join([f"fallback: {reason}; kept previous (η, λ)", *notes]),
+            weights=weights,
         )
 
     if not (np.isfinite(qr_in).all() and np.isfinite(qc).all()):
@@ -456,10 +470,11 @@ def solve_dual(
                 return x, step
             if step == budget:
                 return None, step
-            eta, lam = unpack(x)
+            eta = math.exp(x[0])
             jac = np.ones_like(u)
             jac[0] = eta
-            h_lin = _hessian(eta, lam, qr, qc2)[np.ix_(keep, keep)]
+            ev = evaluate(x)  # cached by check above
+            h_lin = _hessian_at(eta, ev.advantages, ev.weights, qc2)[np.ix_(keep, keep)]
             hess = jac[:, None] * jac[None, :] * h_lin
             hess[0, 0] += eta * g_lin[0]
             hess /= scale
@@ -506,16 +521,17 @@ def solve_dual(
         eta_cold = min(max(spread_a if spread_a > 0.0 else scale, lo), hi)
         saturated_start = bool((x[1:] >= log_hi - 1e-12).any())
         starts = [
-            (x, 1 if saturated_start else int(newton_steps)),
-            (np.concatenate(([math.log(eta_cold)], np.log(lam_cold[free]))), 2 * int(newton_steps)),
+            ("warm", x, 1 if saturated_start else int(newton_steps)),
+            ("cold", np.concatenate(([math.log(eta_cold)], np.log(lam_cold[free]))), 2 * int(newton_steps)),
         ]
         if free.size:
-            starts.append((np.full(1 + free.size, log_hi), int(newton_steps)))
-        for start, budget in starts:
+            starts.append(("corner", np.full(1 + free.size, log_hi), int(newton_steps)))
+        for name, start, budget in starts:
             x_newton, steps = newton(start, budget)
             nit += steps
             if x_newton is not None:
-                x, converged, message = x_newton, True, f"converged in {nit} Newton step(s)"
+                x, converged = x_newton, True
+                message = f"converged in {nit} Newton step(s), from the {name} start"
                 break
     newton_iterations = nit
     while not converged:
@@ -558,6 +574,7 @@ def solve_dual(
         saturated=saturated,
         fallback=False,
         message="; ".join([message, *notes]),
+        weights=ev.weights,
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cvpo.config import TrainConfig
-from cvpo.estep import estep_weights, solve_dual
+from cvpo.estep import solve_dual
 from cvpo.mstep import (
     gaussian_kl_terms,
     gaussian_kl_terms_diag,
@@ -231,8 +231,8 @@ class Learner:
         )
         self.temperature = solution.temperature
         self.cost_multipliers = np.asarray(solution.cost_multipliers, dtype=np.float64)
-        weights_np = estep_weights(q_r_np, q_c_np, self.temperature, self.cost_multipliers)
-        weights = torch.as_tensor(weights_np, dtype=b.obs.dtype, device=self.device)  # (B, K)
+        # The solver's weights at (η, λ): estep_weights(q_r_np, q_c_np, η, λ) without a second pass.
+        weights = torch.as_tensor(solution.weights, dtype=b.obs.dtype, device=self.device)  # (B, K)
         actions = samples.transpose(0, 1)  # (B, K, d)
         t = self._tick("estep_solve", t)
 

@@ -693,6 +693,20 @@ def test_newton_recovers_from_far_warm_starts(case: str, start: str) -> None:
     np.testing.assert_allclose(warm.cost_multipliers, cold.cost_multipliers, rtol=1e-5)
 
 
+@pytest.mark.parametrize("newton_steps", [0, 4])
+def test_solution_weights_are_the_estep_weights_at_the_solution(newton_steps: int) -> None:
+    for seed, m in ((3, 1), (4, 2)):
+        qr, qc, cbar, eps = make_problem(seed, m=m)
+        sol = solve_cold(qr, qc, cbar, eps, newton_steps=newton_steps)
+        expected = estep_weights(qr, qc, sol.temperature, sol.cost_multipliers)
+        np.testing.assert_allclose(sol.weights, expected, rtol=1e-9, atol=1e-12)
+    bad = qr.copy()
+    bad[0, 0] = np.nan
+    fb = solve_dual(bad, qc, cbar, eps, init_temperature=0.5, init_multipliers=[0.1] * m, newton_steps=4)
+    assert fb.fallback and fb.weights.shape == qr.shape
+    np.testing.assert_allclose(fb.weights[1:], estep_weights(bad, qc, 0.5, [0.1] * m)[1:])
+
+
 def test_newton_keeps_a_threshold_below_every_cost_at_the_bound() -> None:
     """c̄ below the batch mean of the per-state minimum cost: no weights can meet it, so λ* is the upper
     bound whatever the warm start; the solver places it there before any step (§8.1 P2)."""
