@@ -66,3 +66,37 @@ def test_layouts_differ_between_seeds_and_episodes() -> None:
         env.reset()
         second = env.env.unwrapped.task.world_info.layout
         assert any(not np.array_equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("max_dist", [None, 3.0])
+@pytest.mark.parametrize("alias", [True, False])
+def test_vectorised_lidar_reads_what_the_stock_loop_reads(max_dist: float | None, alias: bool) -> None:
+    """The fast pseudo-lidar against safety-gymnasium's own loop on the same task, bit for bit: random
+    agent poses and object sets (including objects sharing a bin and ones out of range)."""
+    from cvpo.envs import compat
+
+    rng = np.random.default_rng(5)
+    with envs.make("SafetyPointGoal1-v0", seed=3) as env:
+        env.reset()
+        task = env.env.unwrapped.task
+        stock = type(task)._obs_lidar_pseudo
+        conf = task.lidar_conf
+        saved = (conf.max_dist, conf.alias)
+        conf.max_dist, conf.alias = max_dist, alias
+        try:
+            compared = 0
+            for _ in range(40):
+                env.step(rng.uniform(-1, 1, env.act_dim))  # moves and turns the agent
+                for k in (2, 3, 8, 25):
+                    positions = rng.uniform(-4, 4, (k, int(rng.choice([2, 3]))))
+                    positions[-1, :2] = positions[0, :2] + 1e-3  # two objects in one bin
+                    fast = compat._lidar_pseudo(task, positions)
+                    np.testing.assert_array_equal(fast, stock(task, positions))
+                    compared += int(fast.any())
+            assert compared > 100  # readings were not all zero
+        finally:
+            conf.max_dist, conf.alias = saved
+    with envs.make("SafetyPointGoal1-v0", seed=3) as fast_env:
+        assert fast_env.env.unwrapped.task._obs_lidar_pseudo.__func__ is compat._lidar_pseudo
+    with envs.make("SafetyPointGoal1-v0", seed=3, fast_reset=False) as slow_env:
+        assert "_obs_lidar_pseudo" not in vars(slow_env.env.unwrapped.task)  # stock envs keep the loop
