@@ -105,18 +105,27 @@ def json_safe(value: Any, _depth: int = 0) -> Any:
     return str(value)
 
 
-def problem_response(request: Request | None, problem: Problem) -> Response:
+def problem_document(problem: Problem, instance: str | None = None, request_id: str | None = None) -> dict[str, Any]:
+    """The problem+json body: type, title, status, detail, then instance and request_id when known."""
     body: dict[str, Any] = {
         "type": problem.type,
         "title": problem.title,
         "status": problem.status,
         "detail": problem.detail,
     }
-    if request is not None:
-        body["instance"] = request.url.path
-        rid = getattr(request.state, "request_id", None)
-        if rid:
-            body["request_id"] = rid
+    if instance is not None:
+        body["instance"] = instance
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def problem_response(request: Request | None, problem: Problem) -> Response:
+    body = (
+        problem_document(problem)
+        if request is None
+        else problem_document(problem, request.url.path, getattr(request.state, "request_id", None))
+    )
     if problem.errors is not None:
         body["errors"] = json_safe(problem.errors)
     body.update(json_safe(problem.extra))

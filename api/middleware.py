@@ -18,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import Problem, problem_response
 
 HEALTH = ("/livez", "/readyz")
+# Past the in-flight cap: the same answer here and in api/shedding.py (which sheds /act before the app).
+BUSY = Problem(503, "server busy", headers={"Retry-After": "1"})
 
 
 class LimitsMiddleware:
@@ -58,7 +60,7 @@ class LimitsMiddleware:
             await self.app(scope, receive, send_with_id)
             return
         if self.inflight >= self.max_inflight:
-            await self._problem(scope, send_with_id, Problem(503, "server busy", headers={"Retry-After": "1"}))
+            await self._problem(scope, send_with_id, BUSY)
             return
         self.inflight += 1
         try:
@@ -76,7 +78,7 @@ class LimitsMiddleware:
                     await self._problem(scope, send_with_id, problem)
                     return
                 receive = _replay(body, receive)
-                if self.act_app is not None and _is_act_path(path):
+                if self.act_app is not None and is_act_path(path):
                     await self.act_app(scope, receive, send_with_id)
                     return
             await self.app(scope, receive, send_with_id)
@@ -116,7 +118,7 @@ class LimitsMiddleware:
         await response(scope, _no_receive, send)
 
 
-def _is_act_path(path: str) -> bool:
+def is_act_path(path: str) -> bool:
     """Exactly ``/policies/{one segment}/act``. An id holding a slash (``%2F`` decodes to one) has no
     route in the one-route act router, whose not-found exception nothing there turned into a
     problem: it was a 500. Such paths go to the main app, which answers 404."""

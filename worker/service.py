@@ -101,12 +101,15 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
 def run_api(settings: Settings, loglevel: str = "info") -> int:
     import uvicorn
 
+    from api.shedding import shedding_protocol
+
     uvicorn.run(
         "api.app:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=1,
+        http=shedding_protocol(settings.max_inflight),  # /act over the cap is answered before the app
         log_level=loglevel,
         limit_concurrency=max(settings.max_inflight * 2, 64),
         timeout_graceful_shutdown=10,

@@ -333,6 +333,58 @@ def test_inflight_cap_answers_503_at_once(live: Live) -> None:
             sock.close()
 
 
+def test_act_over_the_cap_is_answered_before_the_app_and_keeps_the_connection(live: Live) -> None:
+    """Over the cap, /act is shed by the HTTP protocol itself (api/shedding.py): the documented 503
+    (problem+json, Retry-After, the client's X-Request-ID echoed), counted in act_shed_total, which
+    only that path increments. The dropped body leaves the keep-alive connection in step: a second
+    request on it is answered, and once a slot frees the same connection is served."""
+    act_path = f"/policies/{live.policy_id}/act"
+
+    def act(rid: str) -> bytes:
+        data = request_bytes("POST", act_path, live.controller, act_body(3), X_Request_ID=rid)
+        return data.replace(b"Connection: close", b"Connection: keep-alive")
+
+    def shed_count() -> float:
+        status, _, body, _ = live.raw(request_bytes("GET", "/metrics", TOKEN))
+        assert status == 200
+        lines = [ln for ln in body.decode().splitlines() if ln.startswith("act_shed_total ")]
+        return float(lines[0].split()[1]) if lines else 0.0
+
+    assert live.raw(request_bytes("POST", act_path, live.controller, act_body()))[0] == 200
+    before = shed_count()
+    held = []
+    conn = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+            sock.sendall(request_bytes("POST", "/jobs", TOKEN, b"x" * 1000)[:-990])  # body still coming
+            held.append(sock)
+        time.sleep(0.3)
+        for rid in ("probe-1", "probe-2"):
+            conn.sendall(act(rid))
+            status, headers, body = read_response(conn)
+            assert status == 503, body
+            assert headers["retry-after"] == "1" and headers["content-type"] == "application/problem+json"
+            assert headers["x-request-id"] == rid and "close" not in headers.get("connection", "")
+            doc = json.loads(body)
+            assert doc["status"] == 503 and doc["instance"] == act_path and doc["request_id"] == rid
+        for sock in held:
+            sock.close()
+        held.clear()
+
+        def served() -> bool:
+            conn.sendall(act("probe-3"))
+            return read_response(conn)[0] == 200
+
+        wait_until(served, 10, "a free in-flight slot on the same connection")
+    finally:
+        conn.close()
+        for sock in held:
+            sock.close()
+    # The /metrics call itself is one request in flight: sheds are counted, the middleware's are not.
+    assert shed_count() >= before + 2
+
+
 def test_inflight_cap_sheds_a_burst_of_inline_act_requests(live: Live) -> None:
     """A burst of /act requests that arrive together (the API is stopped while 12 connections send,
     then resumed): the cap of 2 serves the first and answers the rest 503 + Retry-After at once.

@@ -1,0 +1,98 @@
+"""Shedding ``/act`` before the app runs (service-design.md §2.6, issue #9).
+
+Past the in-flight cap :class:`api.middleware.LimitsMiddleware` answers 503, but by then uvicorn has
+built the ASGI scope, a request cycle and a task, and Starlette's stack has run. Under a flood that
+made a rejection cost about as much CPU as serving a one-row ``/act``: the rejections alone
+saturated the process, and the requests it did accept queued behind them for seconds
+(bench/results/overload.json before this module).
+
+:func:`shedding_protocol` is uvicorn's httptools HTTP protocol with one change: a ``POST`` to
+``/policies/{id}/act`` that arrives while the process already serves ``max_inflight`` requests is
+answered as soon as its headers are parsed, with the middleware's problem+json 503, ``Retry-After: 1``
+and ``X-Request-ID`` (echoed or generated), written straight to the socket. Its body is read and
+dropped, and a keep-alive connection stays open for the next request. "Serving" counts every
+request the process has started and not finished (uvicorn's task set), health probes and streams
+included, as the middleware's cap does; everything else takes uvicorn's path unchanged. Sheds are
+counted in ``act_shed_total``.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+import uuid
+
+import httptools
+import orjson
+from prometheus_client import Counter
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from api.errors import PROBLEM_JSON, problem_document
+from api.middleware import BUSY, is_act_path
+
+ACT_SHED = Counter("act_shed_total", "/act requests answered 503 at the in-flight cap before the app ran")
+
+
+class _NoEvent:
+    def set(self) -> None:
+        pass
+
+
+class _Answered:
+    """Stands in for uvicorn's request cycle of a request answered here: its body is dropped."""
+
+    response_complete = True
+    disconnected = False
+    message_event = _NoEvent()
+
+
+_ANSWERED = _Answered()
+
+
+def _busy_response(path: str, request_id: str, default_headers: list[tuple[bytes, bytes]], close: bool) -> bytes:
+    body = orjson.dumps(problem_document(BUSY, path, request_id))
+    head = [b"HTTP/1.1 503 Service Unavailable\r\n"]
+    head += [name + b": " + value + b"\r\n" for name, value in default_headers]
+    for name, value in BUSY.headers.items():
+        head.append(f"{name.lower()}: {value}\r\n".encode("latin-1"))
+    head.append(b"content-type: " + PROBLEM_JSON.encode() + b"\r\n")
+    head.append(b"content-length: %d\r\n" % len(body))
+    head.append(b"x-request-id: " + request_id.encode("latin-1") + b"\r\n")
+    if close:
+        head.append(b"connection: close\r\n")
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
+def shedding_protocol(max_inflight: int) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol that sheds ``/act`` at ``max_inflight`` requests in flight."""
+
+    class SheddingProtocol(HttpToolsProtocol):
+        def on_headers_complete(self) -> None:
+            if (
+                len(self.tasks) >= max_inflight
+                and (self.cycle is None or self.cycle.response_complete)  # not behind a pipelined request
+                and self.parser.get_method() == b"POST"
+                and not self.parser.should_upgrade()
+            ):
+                path = httptools.parse_url(self.url).path.decode("latin-1")
+                if "%" in path:
+                    path = urllib.parse.unquote(path)  # as uvicorn builds scope["path"]
+                if is_act_path(path):
+                    self._shed(path)
+                    return
+            super().on_headers_complete()
+
+        def _shed(self, path: str) -> None:
+            rid = next((v for n, v in self.headers if n == b"x-request-id"), b"").decode("latin-1")[:128]
+            keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+            response = _busy_response(
+                path, rid or uuid.uuid4().hex[:16], self.server_state.default_headers, close=not keep_alive
+            )
+            self.transport.write(response)
+            ACT_SHED.inc()
+            self.cycle = _ANSWERED  # type: ignore[assignment]  # on_body/on_message_complete drop the body
+            if not keep_alive:
+                self.transport.close()
+            self.on_response_complete()
+
+    return SheddingProtocol
