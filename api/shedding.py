@@ -14,10 +14,17 @@ dropped, and a keep-alive connection stays open for the next request. "Serving" 
 request the process has started and not finished (uvicorn's task set), health probes and streams
 included, as the middleware's cap does; everything else takes uvicorn's path unchanged. Sheds are
 counted in ``act_shed_total``.
+
+It also caps open client connections (``max_connections``, CVPO_MAX_CONNECTIONS): a request on a
+connection opened while that many were already open, health probes excepted, gets a 503 with ``Retry-After: 1`` and the
+connection is closed. This replaces uvicorn's ``limit_concurrency``, which counts idle keep-alive
+connections with the requests, so that a few dozen connected controllers made it answer every
+request with a bare text 503 without Retry-After.
 """
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 import uuid
 
@@ -26,8 +33,8 @@ import orjson
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from api.errors import PROBLEM_JSON, problem_document
-from api.middleware import BUSY, is_act_path
+from api.errors import PROBLEM_JSON, Problem, problem_document
+from api.middleware import BUSY, HEALTH, is_act_path
 
 ACT_SHED = Counter("act_shed_total", "/act requests answered 503 at the in-flight cap before the app ran")
 
@@ -46,13 +53,16 @@ class _Answered:
 
 
 _ANSWERED = _Answered()
+TOO_MANY_CONNECTIONS = Problem(503, "too many open connections to this API process", headers={"Retry-After": "1"})
 
 
-def _busy_response(path: str, request_id: str, default_headers: list[tuple[bytes, bytes]], close: bool) -> bytes:
-    body = orjson.dumps(problem_document(BUSY, path, request_id))
+def _problem_bytes(
+    problem: Problem, path: str, request_id: str, default_headers: list[tuple[bytes, bytes]], close: bool
+) -> bytes:
+    body = orjson.dumps(problem_document(problem, path, request_id))
     head = [b"HTTP/1.1 503 Service Unavailable\r\n"]
     head += [name + b": " + value + b"\r\n" for name, value in default_headers]
-    for name, value in BUSY.headers.items():
+    for name, value in problem.headers.items():
         head.append(f"{name.lower()}: {value}\r\n".encode("latin-1"))
     head.append(b"content-type: " + PROBLEM_JSON.encode() + b"\r\n")
     head.append(b"content-length: %d\r\n" % len(body))
@@ -63,33 +73,44 @@ def _busy_response(path: str, request_id: str, default_headers: list[tuple[bytes
     return b"".join(head) + body
 
 
-def shedding_protocol(max_inflight: int) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol that sheds ``/act`` at ``max_inflight`` requests in flight."""
+def shedding_protocol(max_inflight: int, max_connections: int) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol that sheds ``/act`` at ``max_inflight`` requests in flight and
+    any request (health probes excepted) on a connection past ``max_connections``."""
 
     class SheddingProtocol(HttpToolsProtocol):
+        over_connections = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.over_connections = len(self.connections) > max_connections  # this one is past the cap
+
         def on_headers_complete(self) -> None:
+            over_connections = self.over_connections
             if (
-                len(self.tasks) >= max_inflight
+                (over_connections or len(self.tasks) >= max_inflight)
                 and (self.cycle is None or self.cycle.response_complete)  # not behind a pipelined request
-                and self.parser.get_method() == b"POST"
                 and not self.parser.should_upgrade()
             ):
                 path = httptools.parse_url(self.url).path.decode("latin-1")
                 if "%" in path:
                     path = urllib.parse.unquote(path)  # as uvicorn builds scope["path"]
-                if is_act_path(path):
-                    self._shed(path)
+                if over_connections and path not in HEALTH:
+                    self._answer(TOO_MANY_CONNECTIONS, path, close=True)
+                    return
+                if self.parser.get_method() == b"POST" and is_act_path(path):
+                    self._answer(BUSY, path, close=False)
+                    ACT_SHED.inc()
                     return
             super().on_headers_complete()
 
-        def _shed(self, path: str) -> None:
+        def _answer(self, problem: Problem, path: str, close: bool) -> None:
             rid = next((v for n, v in self.headers if n == b"x-request-id"), b"").decode("latin-1")[:128]
-            keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-            response = _busy_response(
-                path, rid or uuid.uuid4().hex[:16], self.server_state.default_headers, close=not keep_alive
+            keep_alive = not close and self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+            self.transport.write(
+                _problem_bytes(
+                    problem, path, rid or uuid.uuid4().hex[:16], self.server_state.default_headers, not keep_alive
+                )
             )
-            self.transport.write(response)
-            ACT_SHED.inc()
             self.cycle = _ANSWERED  # type: ignore[assignment]  # on_body/on_message_complete drop the body
             if not keep_alive:
                 self.transport.close()

@@ -109,9 +109,11 @@ def run_api(settings: Settings, loglevel: str = "info") -> int:
         host=settings.host,
         port=settings.port,
         workers=1,
-        http=shedding_protocol(settings.max_inflight),  # /act over the cap is answered before the app
+        # Over-cap /act requests and connections past the limit are answered before the app. No
+        # uvicorn limit_concurrency: it counts idle keep-alive connections too, and past it answered
+        # every request with a bare 503 (no Retry-After, connection closed).
+        http=shedding_protocol(settings.max_inflight, settings.max_connections),
         log_level=loglevel,
-        limit_concurrency=max(settings.max_inflight * 2, 64),
         timeout_graceful_shutdown=10,
     )
     return 0

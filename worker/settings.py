@@ -53,6 +53,7 @@ class Settings:
     act_body_limit: int = 8 * MiB  # CVPO_ACT_BODY_LIMIT: bytes per /act body (then 413)
     body_limit: int = 1 * MiB  # CVPO_BODY_LIMIT: bytes per body on other routes (then 413)
     max_inflight: int = 128  # CVPO_MAX_INFLIGHT: concurrent requests per API process (then 503)
+    max_connections: int = 1000  # CVPO_MAX_CONNECTIONS: open client connections per API process (then 503)
     shield_hooks: str = ""  # CVPO_SHIELD_HOOKS: "name=module:function,..." projection hooks for shields
     visibility_timeout_s: int = 49 * 3600  # longest job (48 h cap) + 1 h (service-design.md §3.2)
     # CVPO_PUBLIC_PATHS: routes readable without a token (health probes always are; /openapi.json
@@ -99,6 +100,7 @@ class Settings:
             act_body_limit=int(_num(env, "CVPO_ACT_BODY_LIMIT", d.act_body_limit, int, 1024)),
             body_limit=int(_num(env, "CVPO_BODY_LIMIT", d.body_limit, int, 1024)),
             max_inflight=int(_num(env, "CVPO_MAX_INFLIGHT", d.max_inflight, int, 1)),
+            max_connections=int(_num(env, "CVPO_MAX_CONNECTIONS", d.max_connections, int, 1)),
             shield_hooks=env.get("CVPO_SHIELD_HOOKS", ""),
             public_paths=frozenset(public),
         )

@@ -259,6 +259,9 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body[:length]
 
 
+MAX_CONNECTIONS = 90
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     from tests.api.artefact_factory import write_random_artefact
@@ -271,6 +274,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     env = env_for(settings) | {
         "CVPO_PORT": str(port := free_port()),
         "CVPO_MAX_INFLIGHT": "2",
+        "CVPO_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
         "CVPO_ACT_BODY_LIMIT": str(64 * 1024),
         "CVPO_RECONCILE_EVERY_S": "0",
     }
@@ -383,6 +387,33 @@ def test_act_over_the_cap_is_answered_before_the_app_and_keeps_the_connection(li
             sock.close()
     # The /metrics call itself is one request in flight: sheds are counted, the middleware's are not.
     assert shed_count() >= before + 2
+
+
+def test_idle_connections_are_not_requests_and_the_connection_cap_answers_503(live: Live) -> None:
+    """Seventy idle keep-alive connections (more than uvicorn's old limit_concurrency of 64, which
+    counted them and then answered every request with a bare 503) leave /act served. Connections
+    opened past CVPO_MAX_CONNECTIONS get a problem+json 503 with Retry-After and are closed; health
+    probes still answer there; earlier connections keep working, and freed slots serve again."""
+    act_path = f"/policies/{live.policy_id}/act"
+    good = request_bytes("POST", act_path, live.controller, act_body())
+    idle = [socket.create_connection(("127.0.0.1", live.port), timeout=10) for _ in range(70)]
+    try:
+        time.sleep(0.2)
+        assert live.raw(good)[0] == 200
+        idle += [socket.create_connection(("127.0.0.1", live.port), timeout=10) for _ in range(MAX_CONNECTIONS - 70)]
+        time.sleep(0.2)
+        status, headers, body, _ = live.raw(good)
+        assert status == 503, body
+        assert headers["retry-after"] == "1" and headers["connection"] == "close"
+        assert json.loads(body)["detail"] == "too many open connections to this API process"
+        assert live.raw(request_bytes("GET", "/livez", None))[0] == 200
+        keep = good.replace(b"Connection: close", b"Connection: keep-alive")
+        idle[0].sendall(keep)  # an earlier connection is still served
+        assert read_response(idle[0])[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(lambda: live.raw(good)[0] == 200, 10, "connection slots to free")
 
 
 def test_inflight_cap_sheds_a_burst_of_inline_act_requests(live: Live) -> None:
