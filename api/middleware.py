@@ -2,7 +2,7 @@
 
 - A request id on every response (``X-Request-ID``, echoed from the client when it sends one).
 - An in-flight cap per process: over it → immediate 503 + ``Retry-After: 1`` (controllers have
-  deadlines; queueing them helps nobody).
+  deadlines; queueing them helps nobody). Health probes and job event streams are not counted.
 - A byte limit counted while the body streams (chunked bodies too) → 413, 8 MiB on ``/act``,
   1 MiB elsewhere; JSON-only bodies → 415 for another Content-Type.
 """
@@ -20,6 +20,12 @@ from api.errors import Problem, problem_response
 HEALTH = ("/livez", "/readyz")
 # Past the in-flight cap: the same answer here and in api/shedding.py (which sheds /act before the app).
 BUSY = Problem(503, "server busy", headers={"Retry-After": "1"})
+
+
+class OpenStreams:
+    """Job event streams open in this process (api/shedding.py subtracts them from uvicorn's tasks)."""
+
+    count = 0
 
 
 class LimitsMiddleware:
@@ -58,6 +64,15 @@ class LimitsMiddleware:
         path = scope["path"]
         if path in HEALTH:
             await self.app(scope, receive, send_with_id)
+            return
+        if scope["method"] == "GET" and is_stream_path(path):
+            # An event stream stays open as long as its job runs and mostly sleeps: counted, a few open
+            # dashboards would fill a cap set low for /act latency and turn every controller away.
+            OpenStreams.count += 1
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                OpenStreams.count -= 1
             return
         if self.inflight >= self.max_inflight:
             await self._problem(scope, send_with_id, BUSY)
@@ -124,6 +139,12 @@ def is_act_path(path: str) -> bool:
     problem: it was a 500. Such paths go to the main app, which answers 404."""
     parts = path.split("/")
     return len(parts) == 4 and parts[1] == "policies" and parts[2] != "" and parts[3] == "act"
+
+
+def is_stream_path(path: str) -> bool:
+    """Exactly ``/jobs/{one segment}/events``, the server-sent event stream of a job."""
+    parts = path.split("/")
+    return len(parts) == 4 and parts[1] == "jobs" and parts[2] != "" and parts[3] == "events"
 
 
 def _is_json(content_type: bytes) -> bool:

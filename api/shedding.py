@@ -11,8 +11,9 @@ saturated the process, and the requests it did accept queued behind them for sec
 answered as soon as its headers are parsed, with the middleware's problem+json 503, ``Retry-After: 1``
 and ``X-Request-ID`` (echoed or generated), written straight to the socket. Its body is read and
 dropped, and a keep-alive connection stays open for the next request. "Serving" counts every
-request the process has started and not finished (uvicorn's task set), health probes and streams
-included, as the middleware's cap does; everything else takes uvicorn's path unchanged. Sheds are
+request the process has started and not finished (uvicorn's task set) except open job event
+streams, which the middleware's cap does not count either; everything else takes uvicorn's path
+unchanged. Sheds are
 counted in ``act_shed_total``.
 
 It also caps open client connections (``max_connections``, CVPO_MAX_CONNECTIONS): a request on a
@@ -34,7 +35,7 @@ from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.errors import PROBLEM_JSON, Problem, problem_document
-from api.middleware import BUSY, HEALTH, is_act_path
+from api.middleware import BUSY, HEALTH, OpenStreams, is_act_path
 
 ACT_SHED = Counter("act_shed_total", "/act requests answered 503 at the in-flight cap before the app ran")
 
@@ -87,7 +88,7 @@ def shedding_protocol(max_inflight: int, max_connections: int) -> type[HttpTools
         def on_headers_complete(self) -> None:
             over_connections = self.over_connections
             if (
-                (over_connections or len(self.tasks) >= max_inflight)
+                (over_connections or len(self.tasks) - OpenStreams.count >= max_inflight)
                 and (self.cycle is None or self.cycle.response_complete)  # not behind a pipelined request
                 and not self.parser.should_upgrade()
             ):

@@ -12,7 +12,7 @@ leaves out the client's own lag (on 2 shared cores it sends late in bursts at 4x
 share of 503s, whether every 503 carried Retry-After and problem+json, p99 of the accepted (200)
 requests against the unloaded p99, and the longest wait of any request.
 
-    .venv/bin/python bench/overload.py [--seconds 10] [--batches 1,64] [--inflight 4] [--mults 2,4]
+    .venv/bin/python bench/overload.py [--seconds 10] [--batches 1,64] [--inflight 2] [--mults 2,4]
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per phase (10)")
     parser.add_argument("--batches", default="1,64", help="observation rows per /act request (1,64)")
-    parser.add_argument("--inflight", type=int, default=4, help="CVPO_MAX_INFLIGHT for the capped runs (4)")
+    parser.add_argument("--inflight", type=int, default=2, help="CVPO_MAX_INFLIGHT for the capped runs (2)")
     parser.add_argument("--mults", default="2,4", help="offered load / sustainable rate, each run (2,4)")
     # 128: at 4x the B=1 rate, 32 connections would each have to carry ~340 req/s, so requests waited
     # for a free connection in the client and the pool, not the server, set the latency.

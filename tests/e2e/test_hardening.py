@@ -416,6 +416,35 @@ def test_idle_connections_are_not_requests_and_the_connection_cap_answers_503(li
     wait_until(lambda: live.raw(good)[0] == 200, 10, "connection slots to free")
 
 
+def test_open_event_streams_do_not_fill_the_inflight_cap(live: Live) -> None:
+    """Three dashboards following a job's event stream (a queued job: the streams stay open) with
+    CVPO_MAX_INFLIGHT=2: /act is still served. Counted, the streams filled the cap and every
+    controller got a 503 for as long as they stayed open."""
+    from api.routes.jobs import resolve_spec
+    from api.schemas import JobSpec
+    from worker.store import Store
+
+    store = Store(f"sqlite:///{live.data_dir / 'cvpo.db'}", live.data_dir)
+    echoed, config = resolve_spec(JobSpec.model_validate(dict(TINY_SPEC)))
+    job, _ = store.create_job(client="admin", spec=echoed, config=config, max_attempts=1, time_limit_s=600, labels={})
+    store.engine.dispose()
+    streams = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+            sock.sendall(request_bytes("GET", f"/jobs/{job.id}/events", TOKEN, Accept="text/event-stream"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(4096)
+            assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head
+            streams.append(sock)
+        act = request_bytes("POST", f"/policies/{live.policy_id}/act", live.controller, act_body())
+        assert [live.raw(act)[0] for _ in range(3)] == [200, 200, 200]
+    finally:
+        for sock in streams:
+            sock.close()
+
+
 def test_inflight_cap_sheds_a_burst_of_inline_act_requests(live: Live) -> None:
     """A burst of /act requests that arrive together (the API is stopped while 12 connections send,
     then resumed): the cap of 2 serves the first and answers the rest 503 + Retry-After at once.
