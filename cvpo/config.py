@@ -337,6 +337,9 @@ def validate(c: TrainConfig) -> None:
     ):
         value = getattr(a, name)
         _check(value > 0 and math.isfinite(value), f"algo.{name}", f"must be a finite number > 0, got {value}")
+    for name in ("actor_lr", "critic_lr"):  # Adam steps above 1 only diverge (a job would fail on NaN later)
+        value = getattr(a, name)
+        _check(value <= 1, f"algo.{name}", f"must be in (0, 1], got {value}")
     _check(1 <= a.mstep_iters <= 100, "algo.mstep_iters", f"must be in [1, 100], got {a.mstep_iters}")
     _check(a.actor_grad_clip is None or a.actor_grad_clip > 0, "algo.actor_grad_clip", "must be > 0 or null")
     _check(0 < a.tau <= 1, "algo.tau", f"must be in (0, 1], got {a.tau}")

@@ -37,6 +37,8 @@ def test_defaults_preset_and_overrides_resolve_in_order() -> None:
         ({"algo": {"tau": float("nan")}}, "algo.tau", "NaN"),
         ({"loop": {"buffer_size": 10}}, "loop.buffer_size", "batch_size"),
         ({"preset": 3}, "preset", "string"),
+        ({"algo": {"actor_lr": 1e308}}, "algo.actor_lr", "(0, 1]"),
+        ({"algo": {"critic_lr": 2.0}}, "algo.critic_lr", "(0, 1]"),
     ],
 )
 def test_bad_values_name_the_field(overrides: dict, field: str, fragment: str) -> None:
