@@ -85,7 +85,7 @@ class LimitsMiddleware:
             # requests queued behind it (bench/overload.py: no 503 at any load, seconds of queueing).
             await asyncio.sleep(0)
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                limit = self.act_body_limit if path.endswith("/act") else self.body_limit
+                limit = self.act_body_limit if is_act_path(path) else self.body_limit
                 body, problem = await self._read_body(headers, receive, limit)
                 if problem is None and body and not _is_json(headers.get(b"content-type", b"")):
                     problem = Problem(415, "send the body as application/json")

@@ -95,6 +95,16 @@ def test_act_refuses_bad_input_with_the_culprit(served: Served) -> None:
     assert_problem(act(served, "plain", big), 413)
 
 
+def test_the_act_body_limit_applies_to_act_routes_only(served: Served) -> None:
+    """The /act byte limit (64 KiB here) is for /policies/{id}/act: another path that merely ends in
+    /act has the general limit (1 MiB), so a 100 KB body there is a 404, not a 413."""
+    body = json.dumps({"observations": [[1.0] * 5000] * 4}).encode()
+    assert 64 * 1024 < len(body) < 1024 * 1024
+    assert_problem(act(served, "plain", body), 413)
+    headers = {"content-type": "application/json"}  # the client sends the admin token
+    assert_problem(served.client.post("/jobs/job_x/act", content=body, headers=headers), 404)
+
+
 def test_act_auth_and_ownership(served: Served) -> None:
     body = {"observations": ROWS[:1].tolist()}
     assert act(served, "plain", body, role="owner").status_code == 200
