@@ -26,8 +26,9 @@ request with a bare text 503 without Retry-After.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import urllib.parse
-import uuid
 
 import httptools
 import orjson
@@ -54,6 +55,9 @@ class _Answered:
 
 
 _ANSWERED = _Answered()
+# Request ids for sheds without one: 16 hex digits like the middleware's, without a urandom call each.
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count()
 TOO_MANY_CONNECTIONS = Problem(503, "too many open connections to this API process", headers={"Retry-After": "1"})
 
 
@@ -109,7 +113,11 @@ def shedding_protocol(max_inflight: int, max_connections: int) -> type[HttpTools
             keep_alive = not close and self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
             self.transport.write(
                 _problem_bytes(
-                    problem, path, rid or uuid.uuid4().hex[:16], self.server_state.default_headers, not keep_alive
+                    problem,
+                    path,
+                    rid or f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}",
+                    self.server_state.default_headers,
+                    not keep_alive,
                 )
             )
             self.cycle = _ANSWERED  # type: ignore[assignment]  # on_body/on_message_complete drop the body
