@@ -13,21 +13,18 @@ and ``X-Request-ID`` (echoed or generated), written straight to the socket. Its 
 dropped, and a keep-alive connection stays open for the next request. "Serving" counts every
 request the process has started and not finished (uvicorn's task set) except open job event
 streams, which the middleware's cap does not count either; everything else takes uvicorn's path
-unchanged. Sheds are
-counted in ``act_shed_total``.
+unchanged. Sheds are counted in ``act_shed_total``.
 
 It also caps open client connections (``max_connections``, CVPO_MAX_CONNECTIONS): a request on a
-connection opened while that many were already open, health probes excepted, gets a 503 with ``Retry-After: 1`` and the
-connection is closed. This replaces uvicorn's ``limit_concurrency``, which counts idle keep-alive
-connections with the requests, so that a few dozen connected controllers made it answer every
-request with a bare text 503 without Retry-After.
+connection opened while that many were already open, health probes excepted, gets a 503 with
+``Retry-After: 1`` and the connection is closed. This replaces uvicorn's ``limit_concurrency``,
+which counts idle keep-alive connections with the requests, so that a few dozen connected
+controllers made it answer every request with a bare text 503 without Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import urllib.parse
 
 import httptools
@@ -36,7 +33,7 @@ from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.errors import PROBLEM_JSON, Problem, problem_document
-from api.middleware import BUSY, HEALTH, OpenStreams, is_act_path
+from api.middleware import BUSY, HEALTH, OpenStreams, is_act_path, request_id
 
 ACT_SHED = Counter("act_shed_total", "/act requests answered 503 at the in-flight cap before the app ran")
 
@@ -55,9 +52,6 @@ class _Answered:
 
 
 _ANSWERED = _Answered()
-# Request ids for sheds without one: 16 hex digits like the middleware's, without a urandom call each.
-_ID_PREFIX = os.urandom(4).hex()
-_ID_COUNTER = itertools.count()
 TOO_MANY_CONNECTIONS = Problem(503, "too many open connections to this API process", headers={"Retry-After": "1"})
 
 
@@ -109,17 +103,9 @@ def shedding_protocol(max_inflight: int, max_connections: int) -> type[HttpTools
             super().on_headers_complete()
 
         def _answer(self, problem: Problem, path: str, close: bool) -> None:
-            rid = next((v for n, v in self.headers if n == b"x-request-id"), b"").decode("latin-1")[:128]
+            rid = request_id(next((v for n, v in self.headers if n == b"x-request-id"), b""))
             keep_alive = not close and self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-            self.transport.write(
-                _problem_bytes(
-                    problem,
-                    path,
-                    rid or f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}",
-                    self.server_state.default_headers,
-                    not keep_alive,
-                )
-            )
+            self.transport.write(_problem_bytes(problem, path, rid, self.server_state.default_headers, not keep_alive))
             self.cycle = _ANSWERED  # type: ignore[assignment]  # on_body/on_message_complete drop the body
             if not keep_alive:
                 self.transport.close()

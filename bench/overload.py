@@ -46,6 +46,7 @@ def _ok_sent_p99(samples: list[Sample]) -> float:
 
 def _overload_row(samples: list[Sample], rate: float, unloaded_p99: float, unloaded_sent_p99: float) -> dict[str, Any]:
     row = summarise(samples)
+    ok_sent_p99 = _ok_sent_p99(samples)
     sent = [s.sent for s in samples]
     n503 = [s for s in samples if s.status == 503]
     row.update(
@@ -57,8 +58,8 @@ def _overload_row(samples: list[Sample], rate: float, unloaded_p99: float, unloa
             "n_503_not_problem_json": sum(not s.problem_json for s in n503),  # uvicorn's own 503 is text/plain
             "server_p99_ms": float(np.percentile([(s.done - s.sent) * 1e3 for s in samples], 99)),
             "accepted_p99_over_unloaded_p99": (row["ok_p99_ms"] or float("nan")) / unloaded_p99,
-            "ok_sent_p99_ms": _ok_sent_p99(samples),
-            "accepted_sent_p99_over_unloaded": _ok_sent_p99(samples) / unloaded_sent_p99,
+            "ok_sent_p99_ms": ok_sent_p99,
+            "accepted_sent_p99_over_unloaded": ok_sent_p99 / unloaded_sent_p99,
             "steady_max_ms": _steady_max_ms(samples),
         }
     )

@@ -490,7 +490,7 @@ def solve_dual(
             if not (np.isfinite(direction).all() and float(grad @ direction) < 0.0):
                 return None, step  # not a descent direction (Hessian not positive definite here)
             direction[0] = min(max(direction[0], -_NEWTON_MAX_STEP), _NEWTON_MAX_STEP)
-            f0, t = evaluate(x).value / scale, 1.0
+            f0, t = ev.value / scale, 1.0
             for _ in range(_NEWTON_BACKTRACKS):
                 trial = np.clip(u + t * direction, lo_u, hi_u)
                 if evaluate(to_x(trial)).value / scale <= f0 + 1e-4 * float(grad @ (trial - u)):
@@ -515,19 +515,24 @@ def solve_dual(
         #    for a warm start far off (leaving saturation, a constraint switching on);
         # 3. the corner (η, λ) = hi: when no weights inside the KL ball meet the constraints the dual
         #    decreases without bound towards large (η, λ) and the bounded optimum sits near that corner.
-        lam_cold = np.full(m, lo)
-        lam_cold[free[infeasible]] = hi
-        spread_a = float(_advantages(qr, qc2, lam_cold).std(axis=1).mean())
-        eta_cold = min(max(spread_a if spread_a > 0.0 else scale, lo), hi)
-        saturated_start = bool((x[1:] >= log_hi - 1e-12).any())
-        starts = [
-            ("warm", x, 1 if saturated_start else int(newton_steps)),
-            ("cold", np.concatenate(([math.log(eta_cold)], np.log(lam_cold[free]))), 2 * int(newton_steps)),
+        def cold_start() -> np.ndarray:
+            lam_cold = np.full(m, lo)
+            lam_cold[free[infeasible]] = hi
+            spread_a = float(_advantages(qr, qc2, lam_cold).std(axis=1).mean())
+            eta_cold = min(max(spread_a if spread_a > 0.0 else scale, lo), hi)
+            return np.concatenate(([math.log(eta_cold)], np.log(lam_cold[free])))
+
+        warm = x
+        saturated_start = bool((warm[1:] >= log_hi - 1e-12).any())
+        # Built only when reached: most solves converge from the warm start.
+        starts: list[tuple[str, Callable[[], np.ndarray], int]] = [
+            ("warm", lambda: warm, 1 if saturated_start else int(newton_steps)),
+            ("cold", cold_start, 2 * int(newton_steps)),
         ]
         if free.size:
-            starts.append(("corner", np.full(1 + free.size, log_hi), int(newton_steps)))
+            starts.append(("corner", lambda: np.full(1 + free.size, log_hi), int(newton_steps)))
         for name, start, budget in starts:
-            x_newton, steps = newton(start, budget)
+            x_newton, steps = newton(start(), budget)
             nit += steps
             if x_newton is not None:
                 x, converged = x_newton, True
