@@ -43,6 +43,21 @@ class ConstraintConfig:
     cost_signals: tuple[str, ...] = ()
     curriculum_start: float | None = None
     curriculum_epochs: int = 0
+    # Safety margin (docs/safety-margin.md). The E-step puts the stochastic policy's replay-averaged
+    # Q_c exactly on c̄, so with critic and evaluation noise the served (mean-action) policy lands
+    # over its limit about half the time. The engine therefore trains against c̄·(1 − δ):
+    # ``margin``: a fixed fractional tightening δ₀ ∈ [0, 1).
+    margin: float = 0.0
+    # ``margin_control = "integral"``: δ = δ₀ + I, where I integrates the measured cost of probe
+    # episodes against ``margin_target``·C, gain ``margin_gain`` per probe, I ∈ [0, margin_max − δ₀].
+    margin_control: str = "off"  # "off" or "integral"
+    margin_target: float = 1.0  # setpoint as a fraction of the limit C
+    margin_gain: float = 0.05
+    margin_max: float = 0.9
+    # Every ``probe_every``-th training episode acts with the mean action (the served policy) on a
+    # training layout; its cost is the controller's signal (0: no probes; the signal is then the
+    # stochastic training episodes' cost).
+    probe_every: int = 0
 
 
 @dataclass
@@ -100,6 +115,9 @@ class LoopConfig:
     warmup_steps: int = 0  # uniform-random actions before the policy acts
     buffer_size: int = 1_000_000
     eval_episodes: int = 10
+    # Extra stochastic (sampled-action) evaluation episodes per epoch on the same layouts: their cost
+    # is what the constraint actually bounds, and their start states calibrate the cost critic.
+    eval_stochastic_episodes: int = 5
     checkpoint_every_epochs: int = 1
     normalize_obs: bool = True
     obs_clip: float = 5.0
@@ -292,6 +310,20 @@ def validate(c: TrainConfig) -> None:
         f"give one signal per cost limit ({len(k.cost_limits)}) or none, got {len(k.cost_signals)}",
     )
     _check(k.curriculum_epochs >= 0, "constraints.curriculum_epochs", "must be ≥ 0")
+    _check(0 <= k.margin < 1, "constraints.margin", f"must be in [0, 1), got {k.margin}")
+    _check(
+        k.margin_control in ("off", "integral"),
+        "constraints.margin_control",
+        f"must be off or integral, got {k.margin_control!r}",
+    )
+    _check(0 < k.margin_target <= 2, "constraints.margin_target", f"must be in (0, 2], got {k.margin_target}")
+    _check(0 <= k.margin_gain <= 1, "constraints.margin_gain", f"must be in [0, 1], got {k.margin_gain}")
+    _check(
+        k.margin <= k.margin_max < 1,
+        "constraints.margin_max",
+        f"must be in [constraints.margin, 1), got {k.margin_max}",
+    )
+    _check(k.probe_every >= 0, "constraints.probe_every", f"must be ≥ 0, got {k.probe_every}")
     if k.curriculum_start is not None:
         _check(
             k.curriculum_start >= 0 and math.isfinite(k.curriculum_start),
@@ -365,6 +397,11 @@ def validate(c: TrainConfig) -> None:
         f"must be ≥ algo.batch_size ({a.batch_size}), got {lp.buffer_size}",
     )
     _check(0 <= lp.eval_episodes <= 1000, "loop.eval_episodes", f"must be in [0, 1000], got {lp.eval_episodes}")
+    _check(
+        0 <= lp.eval_stochastic_episodes <= 1000,
+        "loop.eval_stochastic_episodes",
+        f"must be in [0, 1000], got {lp.eval_stochastic_episodes}",
+    )
     _check(lp.checkpoint_every_epochs >= 1, "loop.checkpoint_every_epochs", "must be ≥ 1")
     _check(lp.obs_clip > 0, "loop.obs_clip", "must be > 0")
     _check(1 <= lp.torch_threads <= 256, "loop.torch_threads", "must be in [1, 256]")

@@ -39,6 +39,11 @@ _NEWTON_MAX_STEP = 2.0
 _NEWTON_BACKTRACKS = 8
 # λ_i within this relative distance of the upper bound counts as saturated (P2).
 _SATURATION_RTOL = 1e-6
+# η's upper bound, separate from λ's (``bounds``): when no weights in the KL ball meet a constraint,
+# λ runs to its bound and η must still be free to grow until KL = ε. With one shared bound the optimum
+# sat at the corner (η, λ) = (1e5, 1e5), where ε no longer enters: KL 0.48 against ε = 0.1 on the
+# golden infeasible problem, 0.13–0.21 against 0.05 in Circle training.
+_TEMPERATURE_UPPER = 1e12
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,6 +307,9 @@ def solve_dual(
 ) -> DualSolution:
     """Solve the E-step dual with the recommended solver (cvpo-algorithm.md §2.5).
 
+    ``bounds`` bound every λ_i and η from below; η's upper bound is its own, 1e12 (or ``hi`` if larger),
+    so when a constraint saturates (λ_i at ``hi``) the trust region still holds: KL = ε at the optimum.
+
     L-BFGS-B in log space x = (log η, log λ) with the analytic gradient (``jac=True``) and the bounds
     [lo, hi] on η and every λ_i in log space. Warm start from (``init_temperature``,
     ``init_multipliers``), clipped into the bounds; ``init_multipliers=None`` puts every λ_i at the
@@ -357,7 +365,8 @@ def solve_dual(
     )
     if math.isnan(eta0) or np.isnan(lam0).any():
         raise ValueError(f"initial values must not be NaN, got η={eta0!r}, λ={lam0}")
-    eta0 = min(max(eta0, lo), hi)
+    eta_hi = max(hi, _TEMPERATURE_UPPER)  # η's own bound (see the docstring)
+    eta0 = min(max(eta0, lo), eta_hi)
     lam0 = np.clip(lam0, lo, hi)
     pinned = ~np.isfinite(cbar)
     lam0[pinned] = lo
@@ -394,7 +403,8 @@ def solve_dual(
     offset = float(row_mean.mean())
 
     free = np.flatnonzero(~pinned)
-    log_lo, log_hi = math.log(lo), math.log(hi)
+    log_lo, log_hi, log_eta_hi = math.log(lo), math.log(hi), math.log(eta_hi)
+    x_hi = np.concatenate(([log_eta_hi], np.full(free.size, log_hi)))  # upper bounds of x = (log η, log λ)
     # Normalise g by the per-state spread of Q_r (see _GTOL); natural scales of η (that spread) and
     # λ_i (spread of Q_r over spread of Q_c^i) are where stalled coordinates are lifted to.
     spread_c = qc.std(axis=2).mean(axis=1)[free]
@@ -438,7 +448,7 @@ def solve_dual(
         # linear gradient at the natural scale (≈ ε − KL, and the weighted-cost error over Q_c's spread).
         g_log = g_lin * np.exp(x) / scale
         g_nat = g_lin * np.exp(natural) / scale
-        at_lo, at_hi = x <= log_lo + 1e-12, x >= log_hi - 1e-12
+        at_lo, at_hi = x <= log_lo + 1e-12, x >= x_hi - 1e-12
         residual = np.minimum(np.abs(g_log), np.abs(g_nat))
         residual[(at_lo & (g_lin > 0.0)) | (at_hi & (g_lin < 0.0))] = 0.0
         # Stalled far below the natural scale although the linear gradient says "increase" (§2.5).
@@ -454,7 +464,7 @@ def solve_dual(
         jointly convex in (η, λ), §2.2).
         """
         lo_u = np.concatenate(([log_lo], np.full(free.size, lo)))
-        hi_u = np.concatenate(([log_hi], np.full(free.size, hi)))
+        hi_u = np.concatenate(([log_eta_hi], np.full(free.size, hi)))
 
         def to_x(u: np.ndarray) -> np.ndarray:
             return np.concatenate((u[:1], np.log(u[1:])))
@@ -480,7 +490,7 @@ def solve_dual(
             hess /= scale
             grad = g_lin * jac / scale
             at_lo, at_hi = u <= lo_u * (1.0 + 1e-12), u >= hi_u * (1.0 - 1e-12)
-            at_lo[0], at_hi[0] = u[0] <= log_lo + 1e-12, u[0] >= log_hi - 1e-12
+            at_lo[0], at_hi[0] = u[0] <= log_lo + 1e-12, u[0] >= log_eta_hi - 1e-12
             move = ~((at_lo & (grad > 0.0)) | (at_hi & (grad < 0.0)))  # bound-held coordinates stay put
             direction = np.zeros_like(u)
             try:
@@ -519,7 +529,7 @@ def solve_dual(
             lam_cold = np.full(m, lo)
             lam_cold[free[infeasible]] = hi
             spread_a = float(_advantages(qr, qc2, lam_cold).std(axis=1).mean())
-            eta_cold = min(max(spread_a if spread_a > 0.0 else scale, lo), hi)
+            eta_cold = min(max(spread_a if spread_a > 0.0 else scale, lo), eta_hi)
             return np.concatenate(([math.log(eta_cold)], np.log(lam_cold[free])))
 
         warm = x
@@ -530,7 +540,7 @@ def solve_dual(
             ("cold", cold_start, 2 * int(newton_steps)),
         ]
         if free.size:
-            starts.append(("corner", lambda: np.full(1 + free.size, log_hi), int(newton_steps)))
+            starts.append(("corner", lambda: np.full(1 + free.size, log_hi), 2 * int(newton_steps)))
         for name, start, budget in starts:
             x_newton, steps = newton(start(), budget)
             nit += steps
@@ -540,10 +550,11 @@ def solve_dual(
                 break
     newton_iterations = nit
     while not converged:
-        res = _minimize(objective, x, [(log_lo, log_hi)] * x.size, int(max_iter) - (nit - newton_iterations))
+        box = list(zip(np.full(x.size, log_lo), x_hi, strict=True))
+        res = _minimize(objective, x, box, int(max_iter) - (nit - newton_iterations))
         nit += int(res.nit)
         message = str(res.message)
-        x = np.clip(res.x, log_lo, log_hi)
+        x = np.clip(res.x, log_lo, x_hi)
         if not np.isfinite(x).all():
             break
         state = check(x)
@@ -558,7 +569,7 @@ def solve_dual(
     if not np.isfinite(x).all():
         return fallback("non-finite solver result")
     eta, lam = unpack(x)
-    eta, lam = min(max(eta, lo), hi), np.clip(lam, lo, hi)
+    eta, lam = min(max(eta, lo), eta_hi), np.clip(lam, lo, hi)
     ev = evaluate(x)
     if not (math.isfinite(ev.value) and math.isfinite(ev.mean_kl) and np.isfinite(ev.weighted_cost).all()):
         return fallback("non-finite dual value, KL or weighted cost")

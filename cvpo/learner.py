@@ -282,7 +282,15 @@ class Learner:
                 "alpha_cov": self.alpha_cov,
             }
         )
+        # Mean policy σ on the batch: the constraint holds for the sampled actions, the service serves
+        # the mean, and the gap between the two grows with σ.
+        std = std_new if self.diag else torch.diagonal(tril_new, dim1=-2, dim2=-1)
+        stats["policy_std"] = std.mean().item()
         for i in range(self.m):
-            stats[f"cost_multiplier_{i}"] = float(self.cost_multipliers[i])
+            lam = float(self.cost_multipliers[i])
+            stats[f"cost_multiplier_{i}"] = lam
             stats[f"estep_weighted_cost_{i}"] = float(solution.weighted_cost[i])
+            # Epoch means of these are the shares of updates with λ_i at its floor / cap (λ is bang-bang).
+            stats[f"lambda_at_floor_{i}"] = float(lam <= a.dual_lower * (1.0 + 1e-6))
+            stats[f"lambda_at_cap_{i}"] = float(bool(solution.saturated[i]))
         return stats

@@ -35,6 +35,11 @@ from cvpo.thresholds import curriculum_threshold, per_step_threshold
 EVAL_SEED_BASE = 1_000_003  # evaluation layouts: the same episodes every epoch, apart from training's
 # Metrics that legitimately differ between two runs of the same seed (wall clock).
 TIMING_KEYS = ("wall_time_s", "env_steps_per_s", "epoch_time_s")
+# Per-update statistics whose epoch maximum is reported too (as ``<key>_max``), not only the mean.
+MAX_KEYS = ("estep_kl",)
+# The margin controller's error per probe episode, (J − target·C)/C, is clipped to this range so that
+# one freak episode cannot swing δ; the upper end lets violations tighten faster than slack relaxes.
+MARGIN_ERROR_RANGE = (-1.0, 3.0)
 
 
 def episode_seed(run_seed: int, episode: int) -> int:
@@ -61,10 +66,16 @@ class EpochStats:
     episode_lengths: list[int] = field(default_factory=list)
     update_sums: dict[str, float] = field(default_factory=dict)
     update_count: int = 0
+    update_max: dict[str, float] = field(default_factory=dict)
+    probe_returns: list[float] = field(default_factory=list)
+    probe_costs: list[list[float]] = field(default_factory=list)
 
     def add_update(self, stats: dict[str, float]) -> None:
         for k, v in stats.items():
             self.update_sums[k] = self.update_sums.get(k, 0.0) + v
+        for k in MAX_KEYS:
+            if k in stats:
+                self.update_max[k] = max(self.update_max.get(k, -math.inf), stats[k])
         self.update_count += 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +86,9 @@ class EpochStats:
             "episode_lengths": self.episode_lengths,
             "update_sums": self.update_sums,
             "update_count": self.update_count,
+            "update_max": self.update_max,
+            "probe_returns": self.probe_returns,
+            "probe_costs": self.probe_costs,
         }
 
     @classmethod
@@ -86,6 +100,9 @@ class EpochStats:
             episode_lengths=list(d["episode_lengths"]),
             update_sums=dict(d["update_sums"]),
             update_count=d["update_count"],
+            update_max=dict(d.get("update_max", {})),
+            probe_returns=list(d.get("probe_returns", [])),
+            probe_costs=[list(c) for c in d.get("probe_costs", [])],
         )
 
 
@@ -126,6 +143,7 @@ class Trainer:
         self.eval_env: SafeEnv = envs.make(config.env_id, seed=None)
         self.horizon = self.env.max_episode_steps
         m = config.num_constraints
+        self.margin_integral = np.zeros(m)  # the margin controller's integral term I (checkpointed)
         self.normalizer = ObservationNormalizer(self.env.obs_dim, clip=config.loop.obs_clip)
         self.buffer = ReplayBuffer(config.loop.buffer_size, self.env.obs_dim, self.env.act_dim, m)
         self.learner = Learner(config, self.env.obs_dim, self.env.act_dim, self.thresholds(0), self.device)
@@ -151,15 +169,41 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def thresholds(self, epoch: int) -> np.ndarray:
+        """Per-step thresholds the E-step trains against: c̄ (or the curriculum's) times 1 − δ."""
         c, g = self.config.constraints, self.config.algo.gamma
         if c.curriculum_epochs > 0 and c.curriculum_start is not None:
-            return np.array(
+            base = np.array(
                 [
                     curriculum_threshold(epoch, c.curriculum_start, limit, c.curriculum_epochs, self.horizon, g)[0]
                     for limit in c.cost_limits
                 ]
             )
-        return per_step_threshold(list(c.cost_limits), self.horizon, g)
+        else:
+            base = per_step_threshold(list(c.cost_limits), self.horizon, g)
+        return base * (1.0 - self.margins())
+
+    def margins(self) -> np.ndarray:
+        """δ per constraint: the fixed margin plus the controller's integral, at most ``margin_max``."""
+        c = self.config.constraints
+        return np.clip(c.margin + self.margin_integral, 0.0, c.margin_max)
+
+    def update_margin(self, episode_costs: np.ndarray) -> None:
+        """One integral step of the margin controller on a finished episode's cost (docs/safety-margin.md)."""
+        c = self.config.constraints
+        if c.margin_control != "integral":
+            return
+        limits = np.asarray(self.current_limits(self.epoch), dtype=np.float64)
+        finite = np.isfinite(limits)
+        err = np.zeros_like(limits)
+        err[finite] = (episode_costs[finite] - c.margin_target * limits[finite]) / np.maximum(limits[finite], 1.0)
+        err = np.clip(err, *MARGIN_ERROR_RANGE)
+        self.margin_integral = np.clip(self.margin_integral + c.margin_gain * err, 0.0, c.margin_max - c.margin)
+        self.learner.set_thresholds(self.thresholds(self.epoch))
+
+    def is_probe(self, episode: int) -> bool:
+        """Every ``probe_every``-th training episode acts with the mean action (the served policy)."""
+        k = self.config.constraints.probe_every
+        return k > 0 and episode % k == k - 1
 
     def current_limits(self, epoch: int) -> list[float]:
         """Episodic limits in force at ``epoch`` (the curriculum's, converted back for reporting)."""
@@ -264,6 +308,7 @@ class Trainer:
         obs, _ = self.env.reset(seed=episode_seed(self.config.seed, self.episodes))
         if timings is not None:
             timings["env"] += clock() - t0
+        probe = self.is_probe(self.episodes) and self.env_steps >= lp.warmup_steps
         self.episodes += 1
         ep_return, ep_cost, length = 0.0, np.zeros(self.config.num_constraints), 0
         while True:
@@ -271,7 +316,7 @@ class Trainer:
             if self.env_steps < lp.warmup_steps:
                 action = self.rng.uniform(-1.0, 1.0, self.env.act_dim)
             else:
-                action = self.policy_action(obs, deterministic=False)
+                action = self.policy_action(obs, deterministic=probe)
             if timings is None:
                 next_obs, reward, cost, terminated, truncated, info = self.env.step(action)
             else:
@@ -294,27 +339,75 @@ class Trainer:
                 self.run_updates()
             if terminated or truncated:
                 break
-        self.epoch_stats.episode_returns.append(ep_return)
-        self.epoch_stats.episode_costs.append(ep_cost.tolist())
+        if probe:
+            self.epoch_stats.probe_returns.append(ep_return)
+            self.epoch_stats.probe_costs.append(ep_cost.tolist())
+        else:
+            self.epoch_stats.episode_returns.append(ep_return)
+            self.epoch_stats.episode_costs.append(ep_cost.tolist())
         self.epoch_stats.episode_lengths.append(length)
+        # The controller reads the served policy's cost when probes run, else the sampled policy's.
+        if probe or (self.config.constraints.probe_every == 0 and self.env_steps > lp.warmup_steps):
+            self.update_margin(ep_cost)
 
-    def evaluate(self, episodes: int) -> dict[str, Any]:
-        """Deterministic (mean-action) episodes on fixed evaluation layouts."""
-        returns, costs = [], []
-        for i in range(episodes):
-            obs, _ = self.eval_env.reset(seed=EVAL_SEED_BASE + i)
+    def evaluate(self, episodes: int, stochastic_episodes: int = 0) -> dict[str, Any]:
+        """Deterministic (mean-action) episodes on fixed evaluation layouts, then sampled-action ones.
+
+        The sampled actions draw from their own generator seeded by (run seed, epoch), so evaluation
+        leaves the training RNG streams untouched. On the sampled episodes the cost critic's prediction
+        Q_c(s₀, a₀) is set against the realised discounted cost Σ γ^t c_t (its calibration).
+        """
+        gamma = self.config.algo.gamma
+        rng = np.random.Generator(np.random.PCG64([self.config.seed, self.epoch, 7]))
+        out: dict[str, Any] = {"returns": [], "costs": [], "s_returns": [], "s_costs": [], "pred": [], "real": []}
+        for i in range(episodes + stochastic_episodes):
+            sampled = i >= episodes
+            obs, _ = self.eval_env.reset(seed=EVAL_SEED_BASE + (i - episodes if sampled else i))
             ep_return, ep_cost = 0.0, np.zeros(self.config.num_constraints)
+            discounted, discount = np.zeros(self.config.num_constraints), 1.0
+            first = True
             while True:
-                obs, reward, cost, terminated, truncated, info = self.eval_env.step(
-                    self.policy_action(obs, deterministic=True)
-                )
+                if sampled:
+                    mean, std = self.action_mean_std(obs)
+                    action = mean + std @ rng.standard_normal(mean.shape[0])
+                    if first:
+                        out["pred"].append(self.predicted_cost(obs, action).tolist())
+                        first = False
+                else:
+                    action = self.policy_action(obs, deterministic=True)
+                obs, reward, cost, terminated, truncated, info = self.eval_env.step(action)
+                costs = self.costs_of(cost, info)
                 ep_return += reward
-                ep_cost += self.costs_of(cost, info)
+                ep_cost += costs
+                discounted += discount * costs
+                discount *= gamma
                 if terminated or truncated:
                     break
-            returns.append(ep_return)
-            costs.append(ep_cost.tolist())
-        return {"returns": returns, "costs": costs}
+            if sampled:
+                out["s_returns"].append(ep_return)
+                out["s_costs"].append(ep_cost.tolist())
+                out["real"].append(discounted.tolist())
+            else:
+                out["returns"].append(ep_return)
+                out["costs"].append(ep_cost.tolist())
+        return out
+
+    def action_mean_std(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The policy's raw mean (d,) and scale factor L (d, d) at one observation, float64."""
+        if self.actor_snapshot is not None:
+            mean, std = self.actor_snapshot.mean_std(self.normalize(obs))
+            return mean, np.diag(std)
+        with torch.no_grad():
+            x = torch.as_tensor(self.normalize(obs), dtype=torch.float32, device=self.device).unsqueeze(0)
+            mean, tril = self.learner.actor(x)
+        return mean[0].cpu().numpy().astype(np.float64), tril[0].cpu().numpy().astype(np.float64)
+
+    def predicted_cost(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """The cost critics' Q_c(s, a) per constraint, shape (m,)."""
+        with torch.no_grad():
+            x = torch.as_tensor(self.normalize(obs), dtype=torch.float32, device=self.device).unsqueeze(0)
+            a = torch.as_tensor(action, dtype=torch.float32, device=self.device).unsqueeze(0)
+            return self.learner.cost_critic(x, a)[:, 0].cpu().numpy().astype(np.float64)
 
     # ------------------------------------------------------------------ epochs
 
@@ -349,9 +442,35 @@ class Trainer:
                 }
             )
             metrics["feasible"] = bool(all(eval_costs.mean(axis=0)[i] <= limits[i] for i in range(m)))
+        if evaluation.get("s_returns"):
+            s_costs = np.array(evaluation["s_costs"])
+            pred, real = np.array(evaluation["pred"]), np.array(evaluation["real"])
+            metrics.update(
+                {
+                    "eval_return_stochastic": float(np.mean(evaluation["s_returns"])),
+                    "eval_cost_stochastic": float(s_costs[:, 0].mean()),
+                    "eval_costs_stochastic": s_costs.mean(axis=0).tolist(),
+                    # Cost critic calibration on the sampled episodes' start states (discounted cost).
+                    "critic_cost_predicted": float(pred[:, 0].mean()),
+                    "critic_cost_realised": float(real[:, 0].mean()),
+                    "critic_costs_predicted": pred.mean(axis=0).tolist(),
+                    "critic_costs_realised": real.mean(axis=0).tolist(),
+                }
+            )
+        if es.probe_costs:
+            metrics["probe_return"] = float(np.mean(es.probe_returns))
+            metrics["probe_cost"] = float(np.mean([c[0] for c in es.probe_costs]))
+            metrics["probe_costs"] = np.mean(es.probe_costs, axis=0).tolist()
+            metrics["probe_episodes"] = len(es.probe_costs)
+        margins = self.margins()
+        metrics["margin"] = float(margins[0])
+        metrics["margins"] = margins.tolist()
+        metrics["effective_cost_limits"] = [lim * (1.0 - d) for lim, d in zip(limits, margins, strict=True)]
         n = max(es.update_count, 1)
         for k, v in sorted(es.update_sums.items()):
             metrics[k] = v / n
+        for k, v in sorted(es.update_max.items()):
+            metrics[f"{k}_max"] = v
         metrics["update_count"] = es.update_count
         metrics["temperature_last"] = self.learner.temperature
         metrics["cost_multipliers"] = self.learner.cost_multipliers.tolist()
@@ -402,6 +521,7 @@ class Trainer:
                 "update_credit": self.update_credit,
                 "steps_since_update": self.steps_since_update,
             },
+            "margin_integral": self.margin_integral.tolist(),
             "rng": {"numpy": self.rng.bit_generator.state, "python": random.getstate()},
             "epoch_stats": self.epoch_stats.to_dict(),
             "best": self.best,
@@ -440,6 +560,7 @@ class Trainer:
         self.epoch_stats = EpochStats.from_dict(meta["epoch_stats"])
         self.best = meta["best"]
         self.elapsed_before = float(meta["wall_time_s"])
+        self.margin_integral = np.asarray(meta.get("margin_integral", np.zeros(self.config.num_constraints)), float)
         self.learner.set_thresholds(self.thresholds(self.epoch))
         if self.actor_snapshot is not None:
             self.actor_snapshot.refresh()
@@ -530,7 +651,7 @@ class Trainer:
                     if self._stop:
                         self.save(None)  # mid-epoch: accumulators travel in the checkpoint
                     continue
-                evaluation = self.evaluate(lp.eval_episodes)
+                evaluation = self.evaluate(lp.eval_episodes, lp.eval_stochastic_episodes)
                 metrics = self.epoch_metrics(evaluation)
                 improved = self.update_best(metrics)
                 metrics["best"] = self.best

@@ -1,7 +1,7 @@
 """E-step dual, solver and weights (cvpo-algorithm.md §2, §8.1 P1-P4 and P15, §9 I1-I8 and I14).
 
 Synthetic problems use B = 64 states and K = 32 sampled actions with fixed seeds; the golden problems
-live in the shared data folder next to the repository (``shared/data/estep-golden``).
+live in ``tests/data/estep-golden`` (provenance in its README).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cvpo.estep import DualSolution, dual, dual_linear, estep_weights, solve_dua
 
 B, K = 64, 32
 LO, HI = 1e-6, 1e5
-GOLDEN = Path(__file__).resolve().parents[3] / "shared/data/estep-golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "data/estep-golden"
 GOLDEN_CASES = ("active_1c", "active_2c", "slack_1c", "infeasible_1c")
 
 
@@ -85,7 +85,7 @@ def solve_cold(
 
 
 def load_golden(case: str) -> tuple[dict[str, np.ndarray], dict]:
-    assert GOLDEN.is_dir(), f"golden E-step data missing: {GOLDEN} (shared/ must sit beside the repo)"
+    assert GOLDEN.is_dir(), f"golden E-step data missing: {GOLDEN} (tests/data/estep-golden)"
     with np.load(GOLDEN / f"{case}.npz") as data:
         arrays = {k: data[k] for k in data.files}
     solutions = json.loads((GOLDEN / "solutions.json").read_text())
@@ -350,11 +350,30 @@ def test_infeasible_constraint_saturates_and_moves_weight_to_cheap_samples() -> 
     w = estep_weights(qr, qc, sol.temperature, sol.cost_multipliers)
     cheapest = qc[0].argmin(axis=1)
     assert np.mean(w.argmax(axis=1) == cheapest) > 0.9
-    assert np.mean(w[np.arange(B), cheapest]) > 2.0 / K  # well above uniform 1/K
-    uniform_cost, cheapest_cost = qc.mean(), qc.min(axis=2).mean()
-    assert sol.weighted_cost[0] < uniform_cost - 0.4 * (uniform_cost - cheapest_cost)
-    assert sol.weighted_cost[0] < 0.6 * feasible.weighted_cost[0]
+    # The trust region still binds: KL = ε, and inside that ball q is the most cost-reducing one,
+    # softmax(−Q_c/τ) at KL = ε (λ at 1e5 leaves Q_r a negligible share of the advantages).
+    assert mean_kl_to_uniform(w) == pytest.approx(eps, abs=1e-7)
+    cheapest_in_ball = weights_at_kl(-qc[0], eps)
+    assert sol.weighted_cost[0] == pytest.approx(np.mean(np.sum(cheapest_in_ball * qc[0], axis=1)), rel=1e-3)
+    assert sol.weighted_cost[0] < feasible.weighted_cost[0]
     assert sol.weighted_cost[0] > cbar[0]  # still violated: it is unreachable
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("newton_steps", [0, 4])
+def test_trust_region_holds_when_the_constraint_is_infeasible(seed: int, newton_steps: int) -> None:
+    """Before η had its own bound, infeasible batches sat at the (1e5, 1e5) corner with KL far above ε."""
+    rng = np.random.default_rng(seed)
+    qr = rng.normal(0.0, 1.0, (B, K)) + rng.normal(0.0, 5.0, (B, 1))
+    qc = np.abs(rng.normal(3.0, rng.uniform(0.2, 2.0), (1, B, K)))
+    cbar = np.array([0.9 * qc.min(axis=2).mean()])
+    for eps in (0.02, 0.05):
+        sol = solve_cold(qr, qc, cbar, eps, newton_steps=newton_steps)
+        assert sol.saturated.tolist() == [True]
+        w = estep_weights(qr, qc, sol.temperature, sol.cost_multipliers)
+        assert mean_kl_to_uniform(w) <= eps + 1e-6
+        assert sol.mean_kl == pytest.approx(eps, abs=1e-6)
+        np.testing.assert_allclose(sol.weights, w, rtol=1e-9, atol=1e-12)
 
 
 def test_a_second_constraint_is_not_stranded_at_the_floor() -> None:
@@ -372,9 +391,11 @@ def test_a_second_constraint_is_not_stranded_at_the_floor() -> None:
     cbar = qc.mean(axis=(1, 2)) * rng.uniform(0.3, 0.95, 2)
     eps = float(10 ** rng.uniform(-2.0, 0.0))
     sol = solve_cold(qr, qc, cbar, eps)
-    assert sol.saturated.tolist() == [True, False]
+    assert sol.saturated[0]
     assert sol.cost_multipliers[1] > 1.0
-    assert sol.weighted_cost[1] == pytest.approx(cbar[1], rel=1e-6)  # constraint 1 binds
+    # With λ_0 at its bound, constraint 1 only counts at the same scale: it binds or it saturates too.
+    assert sol.saturated[1] or sol.weighted_cost[1] == pytest.approx(cbar[1], rel=1e-6)
+    assert sol.mean_kl == pytest.approx(eps, abs=1e-6)  # the trust region holds throughout
     assert sol.success
 
 
@@ -591,7 +612,7 @@ def test_dual_solution_is_frozen() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Golden problems (shared/data/estep-golden)
+# Golden problems (tests/data/estep-golden)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -623,6 +644,7 @@ def test_golden_case(case: str) -> None:
         assert sol.saturated.tolist() == [True]
         assert sol.cost_multipliers[0] == HI
         assert sol.temperature == pytest.approx(ref["temperature"], rel=1e-3)
+        assert abs(kl - eps) < 1e-6  # the trust region holds although the constraint cannot be met
         assert weighted_cost[0] < qc.mean()  # weight moved toward the cheap samples
         assert np.mean(w.argmax(axis=1) == qc[0].argmin(axis=1)) > 0.5
         return
