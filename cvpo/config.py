@@ -117,7 +117,8 @@ class LoopConfig:
     eval_episodes: int = 10
     # Extra stochastic (sampled-action) evaluation episodes per epoch on the same layouts: their cost
     # is what the constraint actually bounds, and their start states calibrate the cost critic.
-    eval_stochastic_episodes: int = 5
+    # None: half of ``eval_episodes``, rounded up.
+    eval_stochastic_episodes: int | None = None
     checkpoint_every_epochs: int = 1
     normalize_obs: bool = True
     obs_clip: float = 5.0
@@ -398,7 +399,7 @@ def validate(c: TrainConfig) -> None:
     )
     _check(0 <= lp.eval_episodes <= 1000, "loop.eval_episodes", f"must be in [0, 1000], got {lp.eval_episodes}")
     _check(
-        0 <= lp.eval_stochastic_episodes <= 1000,
+        lp.eval_stochastic_episodes is None or 0 <= lp.eval_stochastic_episodes <= 1000,
         "loop.eval_stochastic_episodes",
         f"must be in [0, 1000], got {lp.eval_stochastic_episodes}",
     )

@@ -651,7 +651,9 @@ class Trainer:
                     if self._stop:
                         self.save(None)  # mid-epoch: accumulators travel in the checkpoint
                     continue
-                evaluation = self.evaluate(lp.eval_episodes, lp.eval_stochastic_episodes)
+                sampled = lp.eval_stochastic_episodes
+                sampled = (lp.eval_episodes + 1) // 2 if sampled is None else sampled
+                evaluation = self.evaluate(lp.eval_episodes, sampled)
                 metrics = self.epoch_metrics(evaluation)
                 improved = self.update_best(metrics)
                 metrics["best"] = self.best

@@ -1024,4 +1024,17 @@ def latest_view(metrics: dict[str, Any]) -> dict[str, Any]:
         "lagrange_multiplier_mean": means[0] if means else None,
         "lagrange_multipliers_mean": means,
         "temperature": metrics.get("temperature_last"),
+        # Trust signals (issue "Safe by default"): the constraint binds the sampled policy, the service
+        # serves the mean one; these say how far apart they are and how well the cost critic predicts.
+        "eval_reward_stochastic": metrics.get("eval_return_stochastic"),
+        "eval_cost_stochastic": metrics.get("eval_cost_stochastic"),
+        "policy_std": metrics.get("policy_std"),
+        "margin": metrics.get("margin"),
+        "effective_cost_limits": metrics.get("effective_cost_limits") or [],
+        "probe_cost": metrics.get("probe_cost"),
+        "critic_cost_predicted": metrics.get("critic_cost_predicted"),
+        "critic_cost_realised": metrics.get("critic_cost_realised"),
+        "lambda_at_floor_share": metrics.get("lambda_at_floor_0"),
+        "lambda_at_cap_share": metrics.get("lambda_at_cap_0"),
+        "estep_kl_max": metrics.get("estep_kl_max"),
     }

@@ -364,7 +364,7 @@
       const v = p.values || {};
       return {
         epoch: p.epoch, env_step: p.env_step, eval_reward: v.eval_return, eval_cost: v.eval_cost,
-        train_reward: v.train_return, train_cost: v.train_cost,
+        train_reward: v.train_return, train_cost: v.train_cost, eval_cost_stochastic: v.eval_cost_stochastic,
         cost_limit: (v.cost_limits || [])[0], lambdas: epochMeanLambdas(v) || v.cost_multipliers || [],
       };
     }
@@ -372,6 +372,7 @@
       return {
         epoch: d.epoch, env_step: d.env_step, eval_reward: d.eval_reward, eval_cost: d.eval_cost,
         train_reward: d.train_reward, train_cost: d.train_cost, cost_limit: d.cost_limit,
+        eval_cost_stochastic: d.eval_cost_stochastic,
         lambdas: (d.lagrange_multipliers_mean && d.lagrange_multipliers_mean.length ? d.lagrange_multipliers_mean : null)
           || d.lagrange_multipliers || (d.lagrange_multiplier === undefined ? [] : [d.lagrange_multiplier]),
       };
@@ -399,6 +400,7 @@
       drawChart($("chart-cost"), [
         { name: "eval cost", cls: "cost", points: xy("eval_cost") },
         { name: "train cost", cls: "train", points: xy("train_cost") },
+        { name: "eval cost (sampled actions)", cls: "train", dashed: true, points: xy("eval_cost_stochastic") },
         { name: "cost limit", cls: "limit", dashed: true, points: xy("cost_limit") },
       ], "Eval cost");
       const nl = Math.max(1, ...ps.map((p) => p.lambdas.length));
@@ -423,6 +425,12 @@
         ["Attempt", `${j.attempt}/${j.max_attempts}`], ["Epoch", String(p.epoch)],
         ["Eval reward", fmt(latest.eval_reward)], ["Eval cost / limit", costNode(latest.eval_cost, limit)],
         ["λ", (latest.lagrange_multipliers || []).map((x) => fmt(x, 3)).join(", ") || "—"],
+        ["Eval cost, sampled actions", fmt(latest.eval_cost_stochastic)],
+        ["Policy σ (mean)", fmt(latest.policy_std, 3)],
+        ["Safety margin δ", latest.margin == null ? "—" : `${fmt(latest.margin, 3)} (trained against ${(latest.effective_cost_limits || []).map((x) => fmt(x)).join(", ")})`],
+        ["Cost critic: predicted / realised", latest.critic_cost_predicted == null ? "—" : `${fmt(latest.critic_cost_predicted, 2)} / ${fmt(latest.critic_cost_realised, 2)}`],
+        ["λ at floor / at cap (share of updates)", latest.lambda_at_floor_share == null ? "—" : `${fmt(latest.lambda_at_floor_share, 2)} / ${fmt(latest.lambda_at_cap_share, 2)}`],
+        ["Max E-step KL", fmt(latest.estep_kl_max, 4)],
         ["Best", best ? `epoch ${best.epoch ?? "?"}: reward ${fmt(best.eval_return ?? best.eval_reward)}, cost ${fmt(best.eval_cost)}` : "—"],
         ["Created", timeEl(j.created_at)], ["Started", timeEl(j.started_at)], ["Finished", timeEl(j.finished_at)],
         ["Env steps/s", fmt(p.env_steps_per_s, 0)],

@@ -12,6 +12,7 @@ import pytest
 
 from cvpo.artefact import ArtefactError, load_policy
 from cvpo.config import resolve_config
+from cvpo.thresholds import per_step_threshold
 from cvpo.trainer import TIMING_KEYS, Trainer
 
 TINY = {
@@ -48,9 +49,14 @@ def tiny_train_args(cvpo: str, env_id: str, steps: int, run: Path, *sets: str) -
     return args
 
 
+# Every episode a mean-action probe driving the integral margin: its state must survive a resume too.
+MARGIN = {"constraints": {"margin": 0.1, "margin_control": "integral", "probe_every": 1, "margin_target": 0.5}}
+
+
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path) -> None:
-    config = resolve_config(TINY)
+@pytest.mark.parametrize("variant", ["plain", "margin"])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path, variant: str) -> None:
+    config = resolve_config({**TINY, **(MARGIN if variant == "margin" else {})})
     whole = Trainer(config, tmp_path / "whole", quiet=True)
     result = whole.train()
     assert not result.stopped_early and result.env_steps == 1500 and result.epochs == 3
@@ -86,8 +92,28 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path) -> None:
         "q_reward",
         "q_cost",
         "dual_iterations",
+        "policy_std",
+        "eval_cost_stochastic",
+        "critic_cost_predicted",
+        "critic_cost_realised",
+        "lambda_at_floor_0",
+        "lambda_at_cap_0",
+        "estep_kl_max",
+        "margin",
     ):
         assert key in a[-1], key
+    assert a[-1]["estep_kl_max"] <= config.algo.kl_bound + 1e-6  # the trust region holds in every update
+    if variant == "margin":
+        assert all(row["probe_episodes"] == 1 and "train_cost" in row for row in a)
+        assert all(row["train_return"] is None for row in a)  # every episode was a probe
+        # Probes far over 0.5 × 25 (a fresh Circle policy leaves the circle) push δ up from 0.1.
+        margins = [row["margin"] for row in a]
+        assert margins == sorted(margins) and margins[-1] > 0.1
+        assert a[-1]["effective_cost_limits"][0] == pytest.approx(25.0 * (1.0 - margins[-1]))
+        c_bar = float(per_step_threshold([25.0], 500, config.algo.gamma)[0])
+        assert a[-1]["per_step_thresholds"][0] == pytest.approx(c_bar * (1.0 - margins[-1]), rel=1e-12)
+    else:
+        assert "probe_cost" not in a[-1] and all(row["margin"] == 0.0 for row in a)
 
 
 @pytest.mark.slow
