@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cvpo.certify import CERT_SEED_BASE, Certificate  # numpy only; scipy and the simulator load lazily
 from cvpo.envs.catalogue import TaskInfo, UnknownTaskError, get_task, list_tasks
 
 
@@ -172,26 +173,74 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_limits(values: Sequence[str] | None) -> list[float | None] | None:
+    """``--cost-limit`` values, repeated and/or comma-separated; inf/none = unconstrained."""
+    if not values:
+        return None
+    limits: list[float | None] = []
+    for item in (x.strip() for v in values for x in v.split(",")):
+        if item.lower() in ("inf", "none"):
+            limits.append(None)
+            continue
+        try:
+            limit = float(item)
+        except ValueError:
+            raise CliError(f"--cost-limit: {item!r} is not a number (or inf)") from None
+        if not limit >= 0:
+            raise CliError(f"--cost-limit: {item} must be ≥ 0")
+        limits.append(limit)
+    return limits
+
+
+def _fmt_certificate(cert: Certificate) -> str:
+    pct = f"{cert.confidence:.0%}"
+    head = (
+        cert.env_id
+        if cert.env_id == cert.artefact_env_id
+        else f"{cert.env_id} (policy trained on {cert.artefact_env_id})"
+    )
+    lines = [
+        f"{head}: {cert.episodes} deterministic episodes on seeds {cert.seeds['base']}+0..{cert.episodes - 1}, "
+        f"{cert.stochastic_episodes} sampled-action episodes",
+        f"return {cert.return_mean:.2f} ({pct} CI {cert.return_ci[0]:.2f} .. {cert.return_ci[1]:.2f})"
+        + (f"; sampled policy {cert.stochastic_return_mean:.2f}" if cert.stochastic_return_mean is not None else ""),
+    ]
+    for c in cert.constraints:
+        limit = "none" if c.limit is None else f"{c.limit:g}"
+        s_mean = "n/a" if c.stochastic_cost_mean is None else f"{c.stochastic_cost_mean:.2f}"
+        lines.append(
+            f"cost[{c.signal}]: mean {c.cost_mean:.2f}, {pct} upper bound {c.cost_upper_bound:.2f}, limit {limit}, "
+            f"{c.within_limit_share:.0%} of episodes within it; sampled policy mean {s_mean}"
+            f"  -> {'ok' if c.certified else 'EXCEEDS'}"
+        )
+    lines.append(f"{'CERTIFIED' if cert.certified else 'NOT CERTIFIED'} (upper bound: {cert.interval})")
+    return "\n".join(lines)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cvpo.artefact import evaluate_policy, load_policy
+    from cvpo.certify import certify_policy
 
     path = Path(args.path)
     if (path / "policy").is_dir() and not (path / "policy.json").is_file():
         path = path / ("best_policy" if args.best else "policy")
     if not (path / "policy.json").is_file():
         raise CliError(f"{args.path}: no policy artefact (expected policy.json in it or in its policy/ folder)")
-    policy = load_policy(path)
-    result = evaluate_policy(policy, episodes=args.episodes, seed=args.seed)
+    cert = certify_policy(
+        path,
+        episodes=args.episodes,
+        seed_base=args.seed_base,
+        cost_limits=_parse_limits(args.cost_limit),
+        stochastic_episodes=args.stochastic_episodes,
+        env_id=args.env,
+        confidence=args.confidence,
+    )
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(cert.to_dict(), indent=2))
     else:
-        print(f"{policy.meta['env_id']}: {args.episodes} deterministic episodes")
-        print(
-            f"return {result['return_mean']:.2f} ± {result['return_std']:.2f}; "
-            f"cost {result['cost_mean']:.2f} ± {result['cost_std']:.2f} (limit {policy.meta['cost_limits']})"
-        )
-        for i, (r, c) in enumerate(zip(result["returns"], result["costs"], strict=True)):
-            print(f"  episode {i}: return {r:.2f} cost {c:.2f}")
+        print(_fmt_certificate(cert))
+        if args.verbose:
+            for i, (r, c) in enumerate(zip(cert.returns, cert.costs, strict=True)):
+                print(f"  episode {i}: return {r:.2f} cost {', '.join(f'{x:.2f}' for x in c)}")
     return 0
 
 
@@ -246,15 +295,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="evaluate a policy artefact deterministically",
-        description="Run deterministic (mean-action) episodes of a policy artefact. PATH is a "
-        "run directory (uses its policy/) or an artefact directory.",
+        help="evaluate and certify a policy artefact on held-out layouts",
+        description="Run deterministic (mean-action) episodes of a policy artefact on held-out layouts "
+        "(reset seeds SEED_BASE+i, disjoint from training-time evaluation) plus sampled-action ones, and "
+        "certify it: CERTIFIED when every constraint's one-sided upper confidence bound on expected "
+        "episode cost is within its limit. PATH is a run directory (uses its policy/) or an artefact "
+        "directory.",
     )
     p.add_argument("path", metavar="PATH")
-    p.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first evaluation episode (default 0)")
+    p.add_argument("--episodes", type=int, default=30, help="deterministic episodes (default 30; at least 2)")
+    p.add_argument(
+        "--seed-base",
+        "--seed",
+        dest="seed_base",
+        type=int,
+        default=CERT_SEED_BASE,
+        help=f"reset seed of the first episode; episode i uses SEED_BASE+i (default {CERT_SEED_BASE})",
+    )
+    p.add_argument(
+        "--cost-limit",
+        action="append",
+        metavar="LIMIT",
+        help="episodic cost limit per constraint, repeated or comma-separated (inf = none; default: the "
+        "artefact's limits; one value applies to every constraint)",
+    )
+    p.add_argument("--env", help="certify on a variant task with the same spaces (default: the artefact's task)")
+    p.add_argument(
+        "--stochastic-episodes", type=int, default=10, help="sampled-action episodes, reported only (default 10)"
+    )
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the bounds (default 0.95)")
     p.add_argument("--best", action="store_true", help="use the run's best feasible policy instead of the final")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print the certificate as JSON")
+    p.add_argument("--verbose", "-v", action="store_true", help="also list every episode")
     p.set_defaults(func=cmd_eval)
 
     for name, helptext in (
