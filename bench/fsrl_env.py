@@ -3,7 +3,8 @@
 ``ensure_venv()`` builds ``.venv-fsrl`` in the repo root (git-ignored) with the recipe of
 reference-results.md §5: the same torch/numpy/gymnasium/mujoco pins as the project, safety-gymnasium
 without its broken pins, then ``fast-safe-rl==0.1.0 tianshou==0.5.1`` with the pins repeated so pip
-keeps them, and ``setuptools<81`` (FSRL imports wandb, which needs ``pkg_resources``). A stamp file
+keeps them, ``setuptools<81`` (FSRL imports wandb, which needs ``pkg_resources``) and ``sentry-sdk==1.45.1``
+(wandb 0.14 imports ``sentry_sdk.Hub``, gone in sentry-sdk 3.0). A stamp file
 skips the work when the recipe has not changed.
 
     .venv/bin/python bench/fsrl_env.py        # build (or check) the FSRL virtualenv
@@ -33,7 +34,8 @@ PINS = (
 STEPS: tuple[tuple[str, ...], ...] = (
     PINS,
     ("--no-deps", "safety-gymnasium==1.0.0"),
-    ("fast-safe-rl==0.1.0", "tianshou==0.5.1", "setuptools<81", *PINS),
+    # sentry-sdk 3.0 removed ``Hub``, which wandb 0.14 (FSRL's pin) imports at ``import fsrl``.
+    ("fast-safe-rl==0.1.0", "tianshou==0.5.1", "setuptools<81", "sentry-sdk==1.45.1", *PINS),
 )
 
 

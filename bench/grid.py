@@ -447,9 +447,24 @@ def collect_rows(grid: Grid, runs: list[Run], previous: list[dict[str, Any]] | N
                     "updates": m.get("updates"),
                     "wall_time_s": m.get("wall_time_s"),
                     "run_finished": finished,
+                    **{key: m.get(source) for key, source in TRUST_KEYS.items()},
                 }
             )
     return rows
+
+
+# Per-epoch trust signals (issue "Safe by default") copied into runs.jsonl: row key → metrics key.
+TRUST_KEYS = {
+    "eval_cost_stochastic": "eval_cost_stochastic",
+    "policy_std": "policy_std",
+    "margin": "margin",
+    "probe_cost": "probe_cost",
+    "critic_cost_predicted": "critic_cost_predicted",
+    "critic_cost_realised": "critic_cost_realised",
+    "lambda_at_floor": "lambda_at_floor_0",
+    "lambda_at_cap": "lambda_at_cap_0",
+    "estep_kl_max": "estep_kl_max",
+}
 
 
 def _ci(values: list[float]) -> dict[str, Any]:
@@ -498,6 +513,9 @@ def summarize(grid: Grid, runs: list[Run], rows: list[dict[str, Any]]) -> dict[s
                     "env_steps_per_s": float(np.mean([s / w for s, w in zip(steps, walls, strict=True)])),
                 }
             )
+            # Final trust signals where the engine reported them (grids from before the issue have none).
+            trust = {k: [f[k] for f in finals if f.get(k) is not None] for k in TRUST_KEYS}
+            entry["trust"] = {k: _ci(v) for k, v in trust.items() if v}
         tasks[task] = entry
     return {
         "grid": grid.name,

@@ -7,6 +7,9 @@ by bench/grid.py), ``bench/reference_results.toml`` (published numbers, each wit
 budget) and, when present, ``bench/results/vs_fsrl*.json`` (the side-by-side with FSRL's CVPO).
 With no grid dirs given, every ``results/*/summary.json`` is used, the largest grids first.
 
+Ablations (``bench/ablations/*.toml``): each names its arms (grids) and a baseline; the report puts the
+arms' final numbers side by side per task, before the grids' own sections.
+
 The FSRL side-by-side: each ``vs_fsrl*.json`` is rendered by its ``benchmark`` field —
 ``vs_fsrl`` (bench/vs_fsrl.py, throughput) and ``vs_fsrl_learning`` (bench/vs_fsrl_learning.py,
 learning at equal budget) as tables of their own; any other file generically, its top-level scalars
@@ -439,7 +442,13 @@ def fsrl_section(paths: list[Path]) -> list[str]:
     return lines
 
 
-def render(summaries: list[tuple[Path, dict[str, Any]]], reference: dict[str, Any], fsrl: list[Path], out: Path) -> str:
+def render(
+    summaries: list[tuple[Path, dict[str, Any]]],
+    reference: dict[str, Any],
+    fsrl: list[Path],
+    out: Path,
+    ablations: tuple[Path, ...] = (),
+) -> str:
     out_dir = out.parent
     inputs = ", ".join(f"`{os.path.relpath(d / 'summary.json', ROOT)}`" for d, _ in summaries)
     lines = [
@@ -469,10 +478,78 @@ def render(summaries: list[tuple[Path, dict[str, Any]]], reference: dict[str, An
         ),
         "",
     ]
+    by_name = {s.get("grid", d.name): s for d, s in summaries}
+    for path in ablations:
+        lines += ablation_section(path, by_name)
     for grid_dir, summary in summaries:
         lines += grid_section(grid_dir, summary, out_dir, reference)
     lines += fsrl_section(fsrl)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def ablation_section(path: Path, summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """One comparison table per task over the arms an ablation file names (bench/ablations/*.toml)."""
+    try:
+        spec = tomllib.loads(path.read_text())
+        arms = [(a["grid"], a["label"]) for a in spec["arms"]]
+        title, baseline = spec["title"], spec["baseline"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        raise ReportError(f"{path}: not an ablation file ({exc})") from exc
+    present = [(g, label) for g, label in arms if g in summaries]
+    lines = [f"## Ablation: {title}", "", f"Arms from `{os.path.relpath(path, ROOT)}`:", ""]
+    lines += [f"- `{g}`: {label}" + ("" if g in summaries else " — **not run yet**") for g, label in arms]
+    lines += [
+        "",
+        "Final = last epoch of each seed (deterministic eval episodes on the fixed eval layouts). "
+        "Feasible = seeds whose final eval cost ≤ the limit. Sampled-action cost, σ, λ-at-cap share and "
+        "critic calibration (predicted Q_c at the start states vs realised discounted cost) are the "
+        "trust metrics the engine reports since this issue; the baseline predates them. "
+        f"The return bar is the baseline's lower CI bound (`{baseline}`).",
+        "",
+    ]
+    base = summaries.get(baseline, {}).get("tasks", {})
+    tasks = list(dict.fromkeys(t for g, _ in present for t in summaries[g].get("tasks", {})))
+    for task in tasks:
+        bar = (base.get(task, {}).get("eval_return") or {}).get("ci_low")
+        lines += [f"### {task}", ""]
+        rows = []
+        for grid, _ in present:
+            t = summaries[grid]["tasks"].get(task)
+            if not t or not t.get("n_seeds"):
+                rows.append([f"`{grid}`", "0", "–", "–", "–", "–", "–", "–", "–"])
+                continue
+            tr = t.get("trust", {})
+            ret = t["eval_return"]["mean"]
+            pred, real = tr.get("critic_cost_predicted"), tr.get("critic_cost_realised")
+            rows.append(
+                [
+                    f"`{grid}`",
+                    str(t["n_seeds"]),
+                    f"{t['feasible_seeds']}/{t['n_seeds']}",
+                    fmt_ci(t["eval_return"]) + ("" if bar is None else (" ✓" if ret >= bar else " ✗")),
+                    fmt_ci(t["eval_cost"]),
+                    fmt_ci(tr.get("eval_cost_stochastic")),
+                    fmt_num(tr["policy_std"]["mean"]) if "policy_std" in tr else "–",
+                    fmt_num(tr["lambda_at_cap"]["mean"]) if "lambda_at_cap" in tr else "–",
+                    f"{fmt_num(pred['mean'])} / {fmt_num(real['mean'])}" if pred and real else "–",
+                ]
+            )
+        lines += _table(
+            [
+                "Arm",
+                "Seeds",
+                "Feasible",
+                f"Eval return [95 % CI] (✓ ≥ {fmt_num(bar)})" if bar is not None else "Eval return [95 % CI]",
+                "Eval cost [95 % CI]",
+                "Sampled-action eval cost",
+                "Policy σ",
+                "λ at cap",
+                "Critic: predicted / realised",
+            ],
+            rows,
+        )
+        lines.append("")
+    return lines
 
 
 def _grid_order(item: tuple[Path, dict[str, Any]]) -> tuple[int, str]:
@@ -490,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fsrl-dir", type=Path, default=ROOT / "bench" / "results", help=f"where {FSRL_GLOB} files are looked for"
     )
+    parser.add_argument(
+        "--ablations-dir", type=Path, default=ROOT / "bench" / "ablations", help="ablation files (*.toml)"
+    )
     args = parser.parse_args(argv)
     try:
         dirs = args.grids or sorted(p.parent for p in (ROOT / "results").glob("*/summary.json"))
@@ -499,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = load_reference(args.reference)
         fsrl = sorted(args.fsrl_dir.glob(FSRL_GLOB))
         out = args.out.resolve()
-        text = render([(d.resolve(), s) for d, s in summaries], reference, fsrl, out)
+        ablations = tuple(sorted(args.ablations_dir.glob("*.toml")))
+        text = render([(d.resolve(), s) for d, s in summaries], reference, fsrl, out, ablations)
     except ReportError as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 2

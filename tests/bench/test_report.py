@@ -188,3 +188,48 @@ def test_reference_loader_rejects_unknown_source(tmp_path: Path) -> None:
 def test_missing_summary_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "b.md")]) == 2
     assert "run bench/grid.py first" in capsys.readouterr().err
+
+
+def test_ablation_table_puts_the_arms_side_by_side(tmp_path: Path) -> None:
+    base, arm = summary(), summary()
+    base["grid"], arm["grid"] = "base", "arm"
+    t = arm["tasks"]["SafetyPointGoal1-v0"]
+    t.update(feasible_seeds=4, eval_return={"mean": 9.0, "ci_low": 8.0, "ci_high": 10.0})
+    t["trust"] = {
+        "eval_cost_stochastic": {"mean": 18.5, "ci_low": 12.0, "ci_high": 25.0},
+        "policy_std": {"mean": 0.61},
+        "lambda_at_cap": {"mean": 0.37},
+        "critic_cost_predicted": {"mean": 4.5},
+        "critic_cost_realised": {"mean": 6.25},
+    }
+    dirs = []
+    for data in (base, arm):
+        d = tmp_path / "results" / data["grid"]
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps(data))
+        dirs.append(str(d))
+    abl = tmp_path / "abl"
+    abl.mkdir()
+    (abl / "x.toml").write_text(
+        'title = "T"\nbaseline = "base"\n[[arms]]\ngrid = "base"\nlabel = "B"\n'
+        '[[arms]]\ngrid = "arm"\nlabel = "A"\n[[arms]]\ngrid = "later"\nlabel = "L"\n'
+    )
+    out = tmp_path / "b.md"
+    assert main([*dirs, "--out", str(out), "--fsrl-dir", str(tmp_path), "--ablations-dir", str(abl)]) == 0
+    text = out.read_text()
+    assert "## Ablation: T" in text and "- `later`: L — **not run yet**" in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| `")}
+    # The bar is the baseline's lower CI bound (10.5): the arm's 9.0 misses it, the baseline's 12.3 meets it.
+    assert rows["| `arm`"].startswith("| `arm` | 5 | 4/5 | 9.00 [8.00, 10.0] ✗ | 31.5 [20.2, 44.0] | 18.5 [12.0, 25.0]")
+    assert "| 0.61 | 0.37 | 4.50 / 6.25 |" in rows["| `arm`"]
+    assert rows["| `base`"].startswith("| `base` | 5 | 2/5 | 12.3 [10.5, 14.2] ✓ |")
+    assert rows["| `base`"].endswith("| – | – | – | – |")
+
+
+def test_a_bad_ablation_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grid_dir = write(tmp_path, summary())
+    abl = tmp_path / "abl"
+    abl.mkdir()
+    (abl / "x.toml").write_text('title = "no arms"\n')
+    assert main([str(grid_dir), "--out", str(tmp_path / "b.md"), "--ablations-dir", str(abl)]) == 2
+    assert "not an ablation file" in capsys.readouterr().err
