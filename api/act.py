@@ -311,6 +311,11 @@ class LoadedPolicy:
     shield: Shield | None
     client: str | None = None
     macs_per_row: int = 0  # multiply-adds of one forward pass: sizes the inline-or-threadpool choice
+    # The ``X-Policy-Certified`` header every /act answer carries, built once (policies are immutable).
+    certified_header: tuple[bytes, bytes] = (b"x-policy-certified", b"false")
+
+
+CERTIFIED_HEADERS = {True: (b"x-policy-certified", b"true"), False: (b"x-policy-certified", b"false")}
 
 
 def _macs_per_row(runtime: PolicyRuntime) -> int:
@@ -359,6 +364,7 @@ class PolicyCache:
         *,
         sha256: str | None = None,
         client: str | None = None,
+        certified: bool = False,
     ) -> LoadedPolicy:
         """Load (once) and return a policy. Raises ``PolicyNotReadyError`` for a policy marked not
         ready or failing its checks (tampered, non-finite weights), ``ShieldSpecError`` when its
@@ -385,7 +391,9 @@ class PolicyCache:
                     self.mark_not_ready(policy_id, str(exc))
                     raise PolicyNotReadyError(str(exc)) from exc
                 shield = build_shield(shield_spec, runtime.meta, self.hooks)
-                entry = LoadedPolicy(policy_id, runtime, shield, client, _macs_per_row(runtime))
+                entry = LoadedPolicy(
+                    policy_id, runtime, shield, client, _macs_per_row(runtime), CERTIFIED_HEADERS[bool(certified)]
+                )
                 self._entries[policy_id] = entry
                 log.info("loaded policy %s from %s", policy_id, path)
                 return entry

@@ -90,13 +90,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_handlers(app)
 
-    from api.routes import dashboard, envs, health, jobs, metrics, policies
+    from api.routes import dashboard, envs, evaluations, health, jobs, metrics, policies
 
     # /policies first: routing stops at the first match, and /act is the hot path.
     app.include_router(policies.router)
     for module in (health, envs, jobs, metrics):
         app.include_router(module.router)
     app.include_router(jobs.promote_router)
+    app.include_router(evaluations.router)
     app.include_router(dashboard.router)
     act_app = Router(routes=[Route(policies.ACT_PATH, guarded(policies.act_route), methods=["POST"])])
 

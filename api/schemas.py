@@ -18,6 +18,32 @@ class EvalSpec(BaseModel):
     episodes: int = Field(10, ge=1, le=100, description="Deterministic evaluation episodes after every epoch.")
 
 
+class CertifySpec(BaseModel):
+    """How a finished job's candidates are certified before one becomes its policy (README "Serving policies")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    episodes: int = Field(
+        ...,
+        ge=2,
+        le=1000,
+        description="Held-out deterministic episodes per certificate (default CVPO_CERTIFY_EPISODES).",
+    )
+    stochastic_episodes: int | None = Field(
+        None, ge=0, le=1000, description="Sampled-action episodes, reported not certified (default: a third, ≤ 10)."
+    )
+
+
+def _check_limits(v: float | list[float] | None) -> float | list[float] | None:
+    values = v if isinstance(v, list) else [v] if v is not None else []
+    if isinstance(v, list) and not 1 <= len(v) <= 8:
+        raise ValueError("give 1 to 8 cost limits")
+    for x in values:
+        if not math.isfinite(x) or x < 0:
+            raise ValueError("cost limits must be finite and ≥ 0")
+    return v
+
+
 class JobSpec(BaseModel):
     """A training job. Defaults < the task's preset < ``hyperparams`` (the response echoes the result)."""
 
@@ -43,6 +69,7 @@ class JobSpec(BaseModel):
         "('algo.batch_size') or bare names that are unique across sections ('batch_size').",
     )
     eval: EvalSpec | None = None
+    certify: CertifySpec | None = None
     checkpoint_every_epochs: int | None = Field(None, ge=1, le=10_000)
     time_limit_s: float = Field(86_400, gt=0, le=MAX_TIME_LIMIT_S)
     max_attempts: int = Field(3, ge=1, le=5)
@@ -51,18 +78,27 @@ class JobSpec(BaseModel):
     @field_validator("cost_limit")
     @classmethod
     def _finite_limits(cls, v: float | list[float] | None) -> float | list[float] | None:
-        values = v if isinstance(v, list) else [v] if v is not None else []
-        if isinstance(v, list) and not 1 <= len(v) <= 8:
-            raise ValueError("give 1 to 8 cost limits")
-        for x in values:
-            if not math.isfinite(x) or x < 0:
-                raise ValueError("cost limits must be finite and ≥ 0")
-        return v
+        return _check_limits(v)
 
 
 class CancelResponse(BaseModel):
     id: str
     status: str
+
+
+class OverrideSpec(BaseModel):
+    """An admin's promotion of a checkpoint that did not certify: the reason is kept with the policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(..., min_length=1, max_length=1000, description="Why this uncertified policy may be served.")
+
+    @field_validator("reason")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("give a reason")
+        return v.strip()
 
 
 class PromoteRequest(BaseModel):
@@ -75,3 +111,32 @@ class PromoteRequest(BaseModel):
     shield: dict[str, Any] | None = Field(
         None, description='{"type": "box", "low": [...], "high": [...]} or {"type": "hook", "name": ...}.'
     )
+    override: OverrideSpec | None = Field(
+        None, description="Admin only: promote although the checkpoint does not certify; needs a reason."
+    )
+
+
+class EvaluationRequest(BaseModel):
+    """An on-demand evaluation of a policy on held-out layouts (``cvpo.certify``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    episodes: int | None = Field(
+        None, ge=2, le=1000, description="Deterministic episodes (default CVPO_CERTIFY_EPISODES)."
+    )
+    stochastic_episodes: int | None = Field(
+        None, ge=0, le=1000, description="Sampled-action episodes (default: a third, ≤ 10)."
+    )
+    seed_base: int = Field(2_000_003, ge=0, le=2**32 - 1, description="Episode i resets with seed_base + i.")
+    cost_limits: float | list[float] | None = Field(
+        None, description="Limit(s) to certify against, one per constraint (one number: all); default the policy's."
+    )
+    env_id: str | None = Field(
+        None, max_length=80, description="A variant task with the same spaces (e.g. another level)."
+    )
+    confidence: float = Field(0.95, ge=0.5, le=0.999, description="One-sided confidence of the cost upper bound.")
+
+    @field_validator("cost_limits")
+    @classmethod
+    def _finite_limits(cls, v: float | list[float] | None) -> float | list[float] | None:
+        return _check_limits(v)

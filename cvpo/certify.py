@@ -386,11 +386,14 @@ def certify_policy(
     stochastic_episodes: int = DEFAULT_STOCHASTIC_EPISODES,
     env_id: str | None = None,
     confidence: float = 0.95,
+    cost_signals: Sequence[str] | None = None,
 ) -> Certificate:
     """Evaluate an artefact on held-out layouts and decide whether its cost is certified.
 
     ``cost_limits`` default to the artefact's own (None/inf = unconstrained); one number is used for
     every constraint. ``env_id`` runs a variant of the task (another level with the same spaces).
+    ``cost_signals`` names each constraint's info signal when the caller knows them (the service
+    passes the job's config); otherwise they are found as ``_cost_signals`` describes.
     Sampled actions come from a generator seeded by ``seed_base``, so equal arguments give an equal
     certificate apart from ``created``.
     """
@@ -406,7 +409,10 @@ def certify_policy(
     policy = load_policy(policy_dir)
     meta = policy.meta
     artefact_limits = list(meta.get("cost_limits") or [None])
-    signals, source = _cost_signals(policy_dir, meta, len(artefact_limits))
+    if cost_signals:
+        signals, source = list(cost_signals), "given"
+    else:
+        signals, source = _cost_signals(policy_dir, meta, len(artefact_limits))
     if cost_limits is None:
         limits = artefact_limits
     else:

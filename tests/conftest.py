@@ -23,12 +23,18 @@ from worker.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
 
-# A job that trains in seconds: tiny nets, few samples, 500-step epochs on the fastest task.
+# A job that trains in seconds: tiny nets, few samples, 500-step epochs on the fastest task. Its
+# policy leaves the circle's bounds (~300 cost per 500-step episode), so a job that must end with a
+# certified policy trains against a limit it meets: Circle's episode cost is at most 500, and with
+# the tests' 6 certification episodes (CERTIFY_EPISODES) no sample of costs in [0, 500] has a 95 %
+# upper bound above ~810 (tests/worker/test_certification.py checks that bound).
+TINY_LIMIT = 1000.0
+CERTIFY_EPISODES = 6
 TINY_SPEC: dict[str, Any] = {
     "env_id": "SafetyPointCircle1-v0",
     "total_env_steps": 1500,
     "seed": 1,
-    "cost_limit": 25,
+    "cost_limit": TINY_LIMIT,
     "eval": {"episodes": 1},
     "checkpoint_every_epochs": 1,
     "hyperparams": {
@@ -180,6 +186,10 @@ def service_settings(tmp: Path, redis_url: str, **changes: Any) -> Settings:
         heartbeat_s=0.5,
         reconcile_every_s=0.0,  # tests run the reconciler by hand
         outbox_grace_s=0.0,
+        # Few held-out episodes and candidates: certification stays a few seconds per job.
+        certify_episodes=CERTIFY_EPISODES,
+        certify_stochastic_episodes=1,
+        certify_candidates=1,
     )
     return base.with_(**changes)
 
@@ -194,6 +204,9 @@ def env_for(settings: Settings) -> dict[str, str]:
             "CVPO_QUEUE": settings.queue,
             "CVPO_LEASE_TTL_S": str(settings.lease_ttl_s),
             "CVPO_HEARTBEAT_S": str(settings.heartbeat_s),
+            "CVPO_CERTIFY_EPISODES": str(settings.certify_episodes),
+            "CVPO_CERTIFY_STOCHASTIC_EPISODES": str(settings.certify_stochastic_episodes),
+            "CVPO_CERTIFY_CANDIDATES": str(settings.certify_candidates),
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -13,6 +13,7 @@ from worker.settings import Settings
 
 TRAIN_TASK = "cvpo.train"
 RECONCILE_TASK = "cvpo.reconcile"
+EVALUATE_TASK = "cvpo.evaluate"  # on-demand policy evaluations (POST /policies/{id}/evaluations)
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from worker.celery_app import TRAIN_TASK
+from worker.celery_app import EVALUATE_TASK, TRAIN_TASK
 from worker.store import JobRecord, Store
 
 log = logging.getLogger("cvpo.queue")
@@ -41,6 +41,23 @@ class JobQueue:
             log.warning("could not send %s attempt %d to the broker: %s", job.id, job.attempt, exc)
             return False
         self.store.mark_enqueued(job.id, job.attempt)
+        return True
+
+    def send_evaluation(self, eval_id: str, time_limit_s: int = 6 * 3600) -> bool:
+        """Publish an on-demand policy evaluation to the same queue as jobs (a worker runs one at a time)."""
+        try:
+            self.celery.send_task(
+                EVALUATE_TASK,
+                args=[eval_id],
+                task_id=eval_id,
+                queue=self.queue,
+                retry=True,
+                retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2, "interval_max": 0.5},
+                time_limit=time_limit_s,
+            )
+        except Exception as exc:
+            log.warning("could not send evaluation %s to the broker: %s", eval_id, exc)
+            return False
         return True
 
     def _redis(self) -> Any:

@@ -141,7 +141,7 @@ def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str
         return fail("internal", f"{type(exc).__name__}: {exc}")
 
     if not result.stopped_early:
-        return _succeed(store, job, attempt, owner)
+        return _succeed(store, heartbeat.settings, job, attempt, owner)
     reason = heartbeat.reason
     if reason == "cancel":
         store.finish(job_id, attempt, owner, "cancelled")
@@ -162,11 +162,23 @@ def _fail(store: Store, job_id: str, attempt: int, owner: str, reason: str, mess
     return "failed"
 
 
-def _succeed(store: Store, job: JobRecord, attempt: int, owner: str) -> str:
-    """Promote the best-feasible artefact (the final one if no evaluation ran), then succeed."""
-    run_dir = Path(job.run_dir)
-    source = "best" if (run_dir / "best_policy" / "policy.json").is_file() else "final"
-    policy = store.promote(job=store.get_job(job.id), source=source, client=job.client)
-    store.finish(job.id, attempt, owner, "succeeded", policy_id=policy.id)
-    store.log(job.id, f"succeeded; {source} checkpoint promoted to {policy.id}")
+def _succeed(store: Store, settings: Settings, job: JobRecord, attempt: int, owner: str) -> str:
+    """Certify the best candidates and promote the best certified one, then succeed.
+
+    The job succeeds either way (training did what was asked); with no certified candidate its
+    ``policy_id`` stays null and ``promotion`` says why (issue #18). The heartbeat keeps the lease
+    while the held-out episodes run.
+    """
+    from worker.certification import auto_promote
+
+    try:
+        policy_id, promotion = auto_promote(store, store.get_job(job.id), settings)
+    except Exception as exc:
+        log.exception("job %s: promotion failed", job.id)
+        policy_id, promotion = None, {"certified": False, "reason": f"promotion failed: {type(exc).__name__}: {exc}"}
+    store.finish(job.id, attempt, owner, "succeeded", policy_id=policy_id, promotion=promotion)
+    if policy_id is not None:
+        store.log(job.id, f"succeeded; {promotion['source']} checkpoint certified and promoted to {policy_id}")
+    else:
+        store.log(job.id, f"succeeded without a policy: {promotion['reason']}"[:2000], "warning")
     return "succeeded"

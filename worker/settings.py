@@ -55,6 +55,13 @@ class Settings:
     max_inflight: int = 128  # CVPO_MAX_INFLIGHT: concurrent requests per API process (then 503)
     max_connections: int = 1000  # CVPO_MAX_CONNECTIONS: open client connections per API process (then 503)
     shield_hooks: str = ""  # CVPO_SHIELD_HOOKS: "name=module:function,..." projection hooks for shields
+    # Certified policies (README "Serving policies"): held-out episodes per certificate (a job's spec
+    # ``certify.episodes`` overrides it), the cap on sampled-action episodes (reported, not
+    # certified: a third of the episodes, at most this), and how many of a finished job's best
+    # checkpoints by its own eval metrics are certified besides the best-feasible and final ones.
+    certify_episodes: int = 30  # CVPO_CERTIFY_EPISODES
+    certify_stochastic_episodes: int = 10  # CVPO_CERTIFY_STOCHASTIC_EPISODES
+    certify_candidates: int = 3  # CVPO_CERTIFY_CANDIDATES
     visibility_timeout_s: int = 49 * 3600  # longest job (48 h cap) + 1 h (service-design.md §3.2)
     # CVPO_PUBLIC_PATHS: routes readable without a token (health probes always are; /openapi.json
     # and /docs are public too: the schema holds no data).
@@ -102,5 +109,10 @@ class Settings:
             max_inflight=int(_num(env, "CVPO_MAX_INFLIGHT", d.max_inflight, int, 1)),
             max_connections=int(_num(env, "CVPO_MAX_CONNECTIONS", d.max_connections, int, 1)),
             shield_hooks=env.get("CVPO_SHIELD_HOOKS", ""),
+            certify_episodes=int(_num(env, "CVPO_CERTIFY_EPISODES", d.certify_episodes, int, 2)),
+            certify_stochastic_episodes=int(
+                _num(env, "CVPO_CERTIFY_STOCHASTIC_EPISODES", d.certify_stochastic_episodes, int, 0)
+            ),
+            certify_candidates=int(_num(env, "CVPO_CERTIFY_CANDIDATES", d.certify_candidates, int, 0)),
             public_paths=frozenset(public),
         )

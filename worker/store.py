@@ -86,6 +86,9 @@ jobs = sa.Table(
     sa.Column("failure", sa.JSON),
     sa.Column("run_dir", sa.String(1000), nullable=False),
     sa.Column("event_seq", sa.Integer, nullable=False, default=0),
+    # Added with certified policies (issue #18): how automatic promotion went (candidates tried,
+    # their certificates, the chosen one or why none). Nullable: ``_migrate`` adds it to old stores.
+    sa.Column("promotion", sa.JSON),
 )
 
 metric_points = sa.Table(
@@ -131,6 +134,31 @@ policies = sa.Table(
     sa.Column("meta", sa.JSON, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("ready", sa.Boolean, nullable=False, default=True),
+    # Certified policies (issue #18): the certificate (cvpo.certify.Certificate.to_dict()), whether it
+    # certified, and for an admin's override of an uncertified checkpoint {"reason", "actor", "at"}.
+    # Nullable: policies registered before certificates existed have none (served as not certified).
+    sa.Column("certificate", sa.JSON),
+    sa.Column("certified", sa.Boolean),
+    sa.Column("override", sa.JSON),
+)
+
+# On-demand evaluations of a policy (POST /policies/{id}/evaluations), run by a worker.
+EVAL_STATUSES = ("queued", "running", "succeeded", "failed")
+evaluations = sa.Table(
+    "evaluations",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(40), nullable=False, unique=True),
+    sa.Column("policy_id", sa.String(40), nullable=False, index=True),
+    sa.Column("client", sa.String(64), nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("result", sa.JSON),
+    sa.Column("error", sa.JSON),
+    sa.Column("worker", sa.String(200)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
 )
 
 events = sa.Table(
@@ -265,6 +293,7 @@ class JobRecord:
     run_dir: str
     event_seq: int
     seq: int = 0
+    promotion: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -284,6 +313,25 @@ class PolicyRecord:
     meta: dict[str, Any]
     created_at: str
     ready: bool
+    seq: int = 0
+    certificate: dict[str, Any] | None = None
+    certified: bool | None = None
+    override: dict[str, Any] | None = None
+
+
+@dataclass
+class EvaluationRecord:
+    id: str
+    policy_id: str
+    client: str
+    status: str
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    worker: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
     seq: int = 0
 
 
@@ -325,6 +373,10 @@ def _policy(row: Any) -> PolicyRecord:
     m = dict(row._mapping)
     m["created_at"] = rfc3339(m["created_at"])
     return PolicyRecord(**{c: m[c] for c in PolicyRecord.__dataclass_fields__})
+
+
+def _evaluation(row: Any) -> EvaluationRecord:
+    return EvaluationRecord(**{c: row._mapping[c] for c in EvaluationRecord.__dataclass_fields__})
 
 
 def _checkpoint(row: Any) -> CheckpointRecord:
@@ -375,6 +427,29 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+def _migrate(engine: Engine) -> list[str]:
+    """Additive migration: ``create_all`` makes missing tables but never alters existing ones, so a
+    store created before a nullable column existed gets it here (``ALTER TABLE … ADD COLUMN``).
+    Safe to race: an API and a worker starting together may both try; the loser re-checks."""
+    added = []
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have:
+                continue
+            if not col.nullable:
+                raise RuntimeError(f"cannot add NOT NULL column {table.name}.{col.name} to an existing store")
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}"
+            try:
+                with engine.begin() as c:
+                    c.exec_driver_sql(ddl)
+                added.append(f"{table.name}.{col.name}")
+            except sa.exc.SQLAlchemyError:
+                if col.name not in {c["name"] for c in sa.inspect(engine).get_columns(table.name)}:
+                    raise
+    return added
+
+
 class Store:
     """All reads and writes of jobs, metrics, checkpoints, policies, events, keys and tokens."""
 
@@ -383,6 +458,7 @@ class Store:
         self.data_dir = Path(data_dir)
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
+        self.migrated = _migrate(self.engine)
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:
@@ -755,6 +831,7 @@ class Store:
         *,
         failure: dict[str, str] | None = None,
         policy_id: str | None = None,
+        promotion: dict[str, Any] | None = None,
     ) -> bool:
         """End this attempt in a terminal state (or back to ``queued`` for a graceful shutdown)."""
         values: dict[str, Any] = {}
@@ -762,6 +839,8 @@ class Store:
             values["failure"] = failure
         if policy_id is not None:
             values["policy_id"] = policy_id
+        if promotion is not None:
+            values["promotion"] = promotion
         if to == "queued":
             values.update({"lease_owner": None, "lease_until": None, "enqueued_at": None, "requeue_requested": False})
         froms = {
@@ -876,22 +955,8 @@ class Store:
 
     # ------------------------------------------------------------------ policies
 
-    def promote(
-        self,
-        *,
-        job: JobRecord,
-        source: str,
-        client: str,
-        shield: dict[str, Any] | None = None,
-        validate_shield: Any = None,
-    ) -> PolicyRecord:
-        """Copy an artefact into an immutable policy directory and register it.
-
-        ``source`` is ``"best"`` (the best-feasible artefact), ``"final"`` (the newest checkpoint's)
-        or a checkpoint id. ``validate_shield(spec, meta)`` returns the normalised spec or raises.
-        """
-        from cvpo.artefact import ArtefactError, load_policy  # numpy only
-
+    def resolve_artefact(self, job: JobRecord, source: str) -> tuple[str | None, Path]:
+        """(checkpoint id or None for "best", artefact directory) of a promotion source; NotFoundError."""
         ckpt_id: str | None = None
         if source == "best":
             artefact = Path(job.run_dir) / "best_policy"
@@ -909,6 +974,30 @@ class Store:
             ckpt_id, artefact = chosen.id, Path(chosen.artefact_path or "")
         if not (artefact / "policy.json").is_file():
             raise NotFoundError(f"job {job.id} has no {source!r} policy artefact yet")
+        return ckpt_id, artefact
+
+    def promote(
+        self,
+        *,
+        job: JobRecord,
+        source: str,
+        client: str,
+        shield: dict[str, Any] | None = None,
+        validate_shield: Any = None,
+        certificate: dict[str, Any] | None = None,
+        override: dict[str, Any] | None = None,
+    ) -> PolicyRecord:
+        """Copy an artefact into an immutable policy directory and register it with its certificate.
+
+        ``source`` is ``"best"`` (the best-feasible artefact), ``"final"`` (the newest checkpoint's)
+        or a checkpoint id. ``validate_shield(spec, meta)`` returns the normalised spec or raises.
+        ``certificate`` is the artefact's (``Certificate.to_dict()``); the policy is ``certified``
+        exactly when it says so. ``override`` ({"reason", "actor"}) records an admin's promotion of
+        an uncertified checkpoint. The gate itself is the caller's (worker, API route).
+        """
+        from cvpo.artefact import ArtefactError, load_policy  # numpy only
+
+        ckpt_id, artefact = self.resolve_artefact(job, source)
         try:
             runtime = load_policy(artefact)
         except ArtefactError as exc:
@@ -921,6 +1010,14 @@ class Store:
         shutil.copytree(artefact, tmp)
         tmp.rename(dest)
         meta = json.loads((dest / "policy.json").read_text())
+        if certificate is not None and certificate.get("artefact_sha256") != meta["weights_sha256"]:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ConflictError(f"the certificate is for another artefact than {source!r}'s")
+        if certificate is not None:
+            (dest / "certificate.json").write_text(json.dumps(certificate, indent=2) + "\n")
+        certified = bool(certificate and certificate.get("certified"))
+        # An override only means something for a checkpoint that did not certify.
+        override = {**override, "at": rfc3339(time.time())} if override is not None and not certified else None
         now = time.time()
         with self.tx() as c:
             c.execute(
@@ -936,13 +1033,21 @@ class Store:
                     meta=meta,
                     created_at=now,
                     ready=True,
+                    certificate=certificate,
+                    certified=certified if certificate is not None else None,
+                    override=override,
                 )
             )
             row = c.execute(sa.select(policies).where(policies.c.id == policy_id)).one()
         return _policy(row)
 
     def create_policy_from_artefact(
-        self, artefact: Path, client: str, shield: dict[str, Any] | None = None, job_id: str | None = None
+        self,
+        artefact: Path,
+        client: str,
+        shield: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        certificate: dict[str, Any] | None = None,
     ) -> PolicyRecord:
         """Register an artefact directory that already lies in its final place (tests, benchmarks)."""
         meta = json.loads((Path(artefact) / "policy.json").read_text())
@@ -961,6 +1066,8 @@ class Store:
                     meta=meta,
                     created_at=time.time(),
                     ready=True,
+                    certificate=certificate,
+                    certified=None if certificate is None else bool(certificate.get("certified")),
                 )
             )
             return _policy(c.execute(sa.select(policies).where(policies.c.id == policy_id)).one())
@@ -985,6 +1092,63 @@ class Store:
     ) -> tuple[list[PolicyRecord], str | None]:
         filters = {"client": client, "env_id": env_id, "job_id": job_id}
         return self._page(policies, _policy, filters, page_size, page_token)
+
+    # ------------------------------------------------------------------ evaluations
+
+    def create_evaluation(self, policy_id: str, client: str, params: dict[str, Any]) -> EvaluationRecord:
+        eval_id = new_id("eval")
+        with self.tx() as c:
+            c.execute(
+                evaluations.insert().values(
+                    id=eval_id,
+                    policy_id=policy_id,
+                    client=client,
+                    status="queued",
+                    params=params,
+                    created_at=time.time(),
+                )
+            )
+            return _evaluation(c.execute(sa.select(evaluations).where(evaluations.c.id == eval_id)).one())
+
+    def get_evaluation(self, eval_id: str, policy_id: str | None = None) -> EvaluationRecord | None:
+        q = sa.select(evaluations).where(evaluations.c.id == eval_id)
+        if policy_id is not None:
+            q = q.where(evaluations.c.policy_id == policy_id)
+        with self.engine.connect() as c:
+            row = c.execute(q).first()
+        return _evaluation(row) if row else None
+
+    def list_evaluations(
+        self, policy_id: str, page_size: int = 50, page_token: str | None = None
+    ) -> tuple[list[EvaluationRecord], str | None]:
+        return self._page(evaluations, _evaluation, {"policy_id": policy_id}, page_size, page_token)
+
+    def claim_evaluation(self, eval_id: str, worker: str) -> bool:
+        """queued → running, once: a redelivered message finds it taken."""
+        with self.tx() as c:
+            return (
+                c.execute(
+                    evaluations.update()
+                    .where(evaluations.c.id == eval_id, evaluations.c.status == "queued")
+                    .values(status="running", worker=worker, started_at=time.time())
+                ).rowcount
+                == 1
+            )
+
+    def finish_evaluation(
+        self, eval_id: str, *, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None
+    ) -> None:
+        with self.tx() as c:
+            c.execute(
+                evaluations.update()
+                .where(evaluations.c.id == eval_id, evaluations.c.status == "running")
+                .values(
+                    status="failed" if error is not None else "succeeded",
+                    result=result,
+                    error=error,
+                    finished_at=time.time(),
+                )
+            )
 
     def _page(
         self, table: sa.Table, convert: Any, filters: dict[str, Any], page_size: int, page_token: str | None

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery.signals import worker_shutting_down
 
-from worker.celery_app import RECONCILE_TASK, TRAIN_TASK, app
+from worker.celery_app import EVALUATE_TASK, RECONCILE_TASK, TRAIN_TASK, app
 from worker.settings import Settings
 from worker.store import Store
 
@@ -48,6 +48,41 @@ def train(job_id: str, attempt: int) -> dict[str, Any]:
 
     outcome = run_job(store(), JobQueue(app, store(), s.queue), s, job_id, attempt, owner)
     return {"job_id": job_id, "attempt": attempt, "claimed": True, "outcome": outcome}
+
+
+@app.task(name=EVALUATE_TASK)
+def evaluate(eval_id: str) -> dict[str, Any]:
+    """Run one on-demand evaluation of a policy: ``cvpo.certify`` on its artefact, result into the store."""
+    owner = f"{node_prefix(os.getppid())}{os.getpid()}"
+    st = store()
+    if not st.claim_evaluation(eval_id, owner):
+        log.info("evaluation %s not claimable; dropping this message", eval_id)
+        return {"eval_id": eval_id, "claimed": False}
+    from worker.certification import certify, policy_signals
+
+    ev = st.get_evaluation(eval_id)
+    policy = st.get_policy(ev.policy_id) if ev is not None else None
+    if ev is None or policy is None:
+        st.finish_evaluation(eval_id, error={"reason": "not_found", "message": "the policy no longer exists"})
+        return {"eval_id": eval_id, "claimed": True, "status": "failed"}
+    p = ev.params
+    try:
+        result = certify(
+            policy.path,
+            p,
+            cost_signals=policy_signals(policy, st),
+            cost_limits=p.get("cost_limits"),
+            env_id=p.get("env_id"),
+        )
+    except ValueError as exc:
+        st.finish_evaluation(eval_id, error={"reason": "invalid", "message": str(exc)[:2000]})
+        return {"eval_id": eval_id, "claimed": True, "status": "failed"}
+    except Exception as exc:
+        log.exception("evaluation %s crashed", eval_id)
+        st.finish_evaluation(eval_id, error={"reason": "internal", "message": f"{type(exc).__name__}: {exc}"[:2000]})
+        return {"eval_id": eval_id, "claimed": True, "status": "failed"}
+    st.finish_evaluation(eval_id, result=result)
+    return {"eval_id": eval_id, "claimed": True, "status": "succeeded"}
 
 
 @app.task(name=RECONCILE_TASK)

@@ -45,7 +45,31 @@ SSE_KEEPALIVE_S = 15.0
 SSE_POLL_S = 0.5
 
 
-def job_resource(job: JobRecord) -> dict[str, Any]:
+def promotion_view(promotion: dict[str, Any] | None, full: bool = True) -> dict[str, Any] | None:
+    """How the job's automatic promotion went; ``full=False`` drops per-episode lists (job listings)."""
+    if promotion is None:
+        return None
+    from worker.certification import certificate_summary
+
+    view = dict(promotion)
+    view["candidates"] = [
+        {**c, "certificate": c.get("certificate") if full else certificate_summary(c.get("certificate"))}
+        for c in promotion.get("candidates") or []
+    ]
+    return view
+
+
+def chosen_certificate(promotion: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The certificate of the candidate that became the job's policy."""
+    if not promotion or not promotion.get("policy_id"):
+        return None
+    for c in promotion.get("candidates") or []:
+        if c.get("source") == promotion.get("source") and c.get("certified"):
+            return c.get("certificate")
+    return None
+
+
+def job_resource(job: JobRecord, full: bool = True) -> dict[str, Any]:
     """The job as clients see it (service-design.md §1.3)."""
     rate = job.steps_per_s
     remaining = max(job.total_env_steps - job.env_step, 0)
@@ -70,6 +94,10 @@ def job_resource(job: JobRecord) -> dict[str, Any]:
         "cost_limits": job.config.get("constraints", {}).get("cost_limits"),
         "best": job.best,
         "policy_id": job.policy_id,
+        # Certified policies (issue #18): the certificate of the policy the job produced, or, when no
+        # candidate certified, ``policy_id`` null and ``promotion.reason`` saying why.
+        "certificate": chosen_certificate(job.promotion) if full else None,
+        "promotion": promotion_view(job.promotion, full),
         "failure": job.failure,
         "cancel_requested": job.cancel_requested,
         "created_at": rfc3339(job.created_at),
@@ -240,7 +268,7 @@ def list_jobs(
         )
     except ValueError as exc:
         raise validation_problem([{"loc": ["query", "page_token"], "msg": str(exc), "input": page_token}]) from exc
-    return json_response({"items": [job_resource(j) for j in items], "next_page_token": token})
+    return json_response({"items": [job_resource(j, full=False) for j in items], "next_page_token": token})
 
 
 @router.get("/jobs/{job_id}", summary="A job's state, progress, reward and cost", responses={404: {}})
@@ -402,30 +430,68 @@ async def job_events(
 @promote_router.post(
     "/policies",
     status_code=201,
-    summary="Promote a job's checkpoint to an immutable policy",
-    responses={201: {}, 404: {}, 409: {}, 422: {}},
+    summary="Promote a job's checkpoint to an immutable policy, if it certifies",
+    description="The checkpoint is evaluated on held-out layouts (cvpo.certify; the job's certify.episodes, "
+    "default CVPO_CERTIFY_EPISODES; a certificate the worker computed at job end is reused). Not certified: 409 "
+    "with the certificate, unless the body has override.reason and the token the admin scope (else 403).",
+    responses={201: {}, 403: {}, 404: {}, 409: {}, 422: {}},
 )
 def promote(
     request: Request, body: PromoteRequest, principal: Annotated[Principal, Depends(require("jobs:write"))]
 ) -> Response:
     from api.routes.policies import policy_resource
     from api.shield import ShieldSpecError, validate_shield_spec
+    from worker.certification import cached_certificate, certify, cost_signals_of, job_params, shortfall
 
     job = _get_job(request, body.job_id, principal)
+    if body.override is not None and not principal.admin:
+        raise Problem(
+            403, "promoting an uncertified checkpoint needs the 'admin' scope", type="/problems/missing-scope"
+        )
+    store = store_of(request)
+    settings = request.app.state.settings
 
     def check(spec: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            return validate_shield_spec(spec, meta, request.app.state.settings.shield_hooks)
+            return validate_shield_spec(spec, meta, settings.shield_hooks)
         except ShieldSpecError as exc:
             raise validation_problem([{"loc": ["body", "shield"], "msg": str(exc), "input": spec}]) from exc
 
     try:
-        policy = store_of(request).promote(
-            job=job, source=body.checkpoint_id, client=principal.client, shield=body.shield, validate_shield=check
+        _, artefact = store.resolve_artefact(job, body.checkpoint_id)
+        sha = json.loads((artefact / "policy.json").read_text())["weights_sha256"]
+        params = job_params(job.spec, settings)
+        cert = cached_certificate(job, sha, params, None)
+        if cert is None:
+            cert = certify(artefact, params, cost_signals=cost_signals_of(job.config))
+    except NotFoundError as exc:
+        raise Problem(404, str(exc)) from exc
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:  # unreadable artefact, unusable for the task
+        raise Problem(409, f"checkpoint {body.checkpoint_id!r} cannot be certified: {exc}") from exc
+    if not cert["certified"] and body.override is None:
+        raise Problem(
+            409,
+            f"checkpoint {body.checkpoint_id!r} of {job.id} is not certified: {shortfall(cert)} "
+            f"({cert['episodes']} held-out episodes, {cert['confidence']:.0%} upper bound). "
+            "An admin may promote it anyway with override.reason.",
+            type="/problems/not-certified",
+            title="Not certified",
+            extra={"certificate": cert},
+        )
+    override = {"reason": body.override.reason, "actor": principal.client} if body.override else None
+    try:
+        policy = store.promote(
+            job=job,
+            source=body.checkpoint_id,
+            client=principal.client,
+            shield=body.shield,
+            validate_shield=check,
+            certificate=cert,
+            override=override,
         )
     except NotFoundError as exc:
         raise Problem(404, str(exc)) from exc
     except ConflictError as exc:
         raise Problem(409, str(exc)) from exc
-    view = policy_resource(policy, request.app.state.settings, request.app.state.policy_cache)
+    view = policy_resource(policy, settings, request.app.state.policy_cache)
     return json_response(view, 201, {"Location": f"/policies/{policy.id}"})

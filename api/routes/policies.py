@@ -167,6 +167,9 @@ class PolicyOut(BaseModel):
     source: Source
     architecture: dict[str, Any] | None
     config_hash: str | None
+    certified: bool = Field(..., description="Every constraint's cost upper bound ≤ its limit on held-out layouts")
+    certificate: dict[str, Any] | None = Field(None, description="cvpo.certify certificate; null for old policies")
+    override: dict[str, Any] | None = Field(None, description="An admin's override of the gate: reason, actor, at")
     links: dict[str, str]
 
 
@@ -240,10 +243,14 @@ def policy_resource(policy: PolicyRecord, settings: Any, cache: PolicyCache | No
             },
             "architecture": meta.get("architecture"),
             "config_hash": meta.get("config_hash"),
+            "certified": bool(policy.certified),
+            "certificate": policy.certificate,
+            "override": policy.override,
             "links": {
                 "act": f"/policies/{policy.id}/act",
                 "onnx": f"/policies/{policy.id}/export?format=onnx",
                 "bundle": f"/policies/{policy.id}/export?format=bundle",
+                "evaluations": f"/policies/{policy.id}/evaluations",
             },
         }
     )
@@ -332,7 +339,13 @@ async def _load(request: Request, policy_id: str, principal: Principal) -> Loade
         raise Problem(503, f"policy {policy_id} is loading", headers={"Retry-After": "1"})
     try:
         return await asyncio.to_thread(
-            cache.get, policy_id, policy.path, policy.shield, sha256=policy.sha256, client=policy.client
+            cache.get,
+            policy_id,
+            policy.path,
+            policy.shield,
+            sha256=policy.sha256,
+            client=policy.client,
+            certified=bool(policy.certified),
         )
     except PolicyNotReadyError as exc:
         await asyncio.to_thread(state.store.set_policy_ready, policy_id, False)
@@ -371,7 +384,9 @@ async def act_route(request: Request) -> Response:
         raise Problem(
             500, "the policy produced a non-finite action; it is now marked not ready", type="/problems/corrupt-policy"
         ) from exc
-    return Response(out, media_type="application/json")
+    response = Response(out, media_type="application/json")
+    response.raw_headers.append(entry.certified_header)  # X-Policy-Certified, prebuilt per policy
+    return response
 
 
 ACT_PATH = "/policies/{policy_id}/act"
@@ -420,6 +435,8 @@ def _bundle(policy: PolicyRecord) -> bytes:
         z.writestr(WEIGHTS_FILE, weights, compress_type=zipfile.ZIP_STORED)
         if policy.shield is not None:
             z.writestr("shield.json", json.dumps(policy.shield, indent=2) + "\n")
+        if policy.certificate is not None:
+            z.writestr("certificate.json", json.dumps(policy.certificate, indent=2) + "\n")
     return buf.getvalue()
 
 
@@ -429,7 +446,8 @@ def _bundle(policy: PolicyRecord) -> bytes:
     response_class=Response,
     responses={
         200: {
-            "description": "ONNX model (application/octet-stream) or a zip of policy.json + policy.safetensors",
+            "description": "ONNX model (application/octet-stream) or a zip of policy.json + policy.safetensors "
+            "(+ certificate.json, shield.json when present)",
             "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 "application/zip": {"schema": {"type": "string", "format": "binary"}},

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import TINY_SPEC, Service, wait_until
+from tests.conftest import TINY_LIMIT, TINY_SPEC, Service, wait_until
 
 MINIMAL = {"env_id": "SafetyPointCircle1-v0", "total_env_steps": 2000, "seed": 0, "cost_limit": 25}
 
@@ -60,14 +60,14 @@ def test_happy_path_trains_reports_reward_and_cost_and_promotes(api: Any, servic
     # λ's epoch mean: one per constraint, inside the dual bounds (a mean of values clipped to them).
     assert latest["lagrange_multipliers_mean"] == [latest["lagrange_multiplier_mean"]]
     assert 1e-6 * (1 - 1e-9) <= latest["lagrange_multiplier_mean"] <= 1e5 * (1 + 1e-9)
-    assert latest["cost_limit"] == 25.0 and latest["feasible"] == (latest["eval_cost"] <= 25.0)
+    assert latest["cost_limit"] == TINY_LIMIT and latest["feasible"] == (latest["eval_cost"] <= TINY_LIMIT)
     assert job["best"]["epoch"] in (0, 1, 2)
     # Trust signals: sampled-action eval cost, policy σ, margin, critic calibration, λ shares, max KL.
     for key in ("eval_cost_stochastic", "policy_std", "margin", "critic_cost_predicted", "critic_cost_realised",
                 "lambda_at_floor_share", "lambda_at_cap_share", "estep_kl_max"):
         assert isinstance(latest[key], float), key
     assert latest["policy_std"] > 0 and 0 <= latest["lambda_at_floor_share"] + latest["lambda_at_cap_share"] <= 1
-    assert latest["margin"] == 0.0 and latest["effective_cost_limits"] == [25.0]
+    assert latest["margin"] == 0.0 and latest["effective_cost_limits"] == [TINY_LIMIT]
 
     history = api.get(f"/jobs/{job_id}/metrics").json()["points"]
     assert [p["epoch"] for p in history] == [0, 1, 2]
@@ -81,6 +81,11 @@ def test_happy_path_trains_reports_reward_and_cost_and_promotes(api: Any, servic
     policy = api.get(f"/policies/{job['policy_id']}")
     assert policy.status_code == 200, policy.text
     assert policy.json()["env_id"] == "SafetyPointCircle1-v0"
+    # The promoted policy is the best certified candidate; the job shows its certificate.
+    assert policy.json()["certified"] is True and policy.json()["certificate"]["certified"] is True
+    assert job["promotion"]["policy_id"] == job["policy_id"] and job["promotion"]["reason"] is None
+    assert job["certificate"] == policy.json()["certificate"]
+    assert job["certificate"]["constraints"][0]["limit"] == TINY_LIMIT and job["certificate"]["episodes"] == 6
 
     # A controller's act-only token of the same client acts; another client's sees nothing.
     _, controller = service.store().create_token("arm", ["policies:act"], client="admin")
@@ -100,7 +105,7 @@ def test_happy_path_trains_reports_reward_and_cost_and_promotes(api: Any, servic
     assert len(ckpts) == 3 and sum(c["is_best"] for c in ckpts) == 1
     final = api.post("/policies", json={"job_id": job_id, "checkpoint_id": "final"})
     assert final.status_code == 201, final.text
-    assert final.json()["id"] != job["policy_id"]
+    assert final.json()["id"] != job["policy_id"] and final.json()["certified"] is True
 
     with api.stream("GET", f"/jobs/{job_id}/events") as stream:
         text = "".join(stream.iter_text())

@@ -11,7 +11,7 @@ from typing import Any
 
 from api.routes.jobs import resolve_spec
 from api.schemas import JobSpec
-from tests.conftest import ROOT, TINY_SPEC, Service, wait_until
+from tests.conftest import ROOT, TINY_LIMIT, TINY_SPEC, Service, wait_until
 
 
 def submit(service: Service, send: bool = True, **changes: Any) -> str:
@@ -61,9 +61,10 @@ def test_job_runs_to_success_and_promotes_a_policy(service: Service) -> None:
     assert job.status == "succeeded", job.failure
     assert job.attempt == 1 and job.env_step == 1500
     assert epochs_of(service, job_id) == [0, 1, 2]
-    assert job.latest["eval_cost"] is not None and job.latest["cost_limit"] == 25.0
+    assert job.latest["eval_cost"] is not None and job.latest["cost_limit"] == TINY_LIMIT
     policy = service.store().get_policy(job.policy_id)
     assert policy is not None and policy.job_id == job_id and policy.meta["env_id"] == "SafetyPointCircle1-v0"
+    assert policy.certified is True and policy.certificate["artefact_sha256"] == policy.sha256
 
 
 def test_kill_9_child_mid_job_resumes_from_checkpoint_once(service: Service) -> None:
