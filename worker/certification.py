@@ -72,8 +72,17 @@ def certify(
     cost_limits: list[float | None] | None = None,
     env_id: str | None = None,
 ) -> dict[str, Any]:
-    """One certificate as a JSON-able dict (``ValueError`` for arguments the artefact cannot take)."""
+    """One certificate as a JSON-able dict (``ValueError`` for arguments the artefact cannot take).
+
+    The constraints' signals are always passed explicitly (the job's, else the env's total cost for
+    each of the artefact's limits), so the same artefact gets the same certificate wherever it lies
+    (a run's ``best_policy`` next to its config.json, a checkpoint's artefact, a policy directory).
+    """
     from cvpo.certify import certify_policy
+
+    if not cost_signals:
+        meta = json.loads((Path(artefact) / "policy.json").read_text())
+        cost_signals = ["cost"] * len(meta.get("cost_limits") or [None])
 
     cert = certify_policy(
         artefact,

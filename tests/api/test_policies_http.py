@@ -266,3 +266,30 @@ def test_bundle_export_holds_the_native_files(served: Served) -> None:
         meta = json.loads(z.read("policy.json"))
         assert hashlib.sha256(z.read("policy.safetensors")).hexdigest() == meta["weights_sha256"]
         assert json.loads(z.read("shield.json")) == {"type": "hook", "name": "slow"}
+
+
+# ----------------------------------------------------------------------------- certificates
+
+
+def test_act_says_whether_the_policy_is_certified(served: Served) -> None:
+    """X-Policy-Certified on every /act answer; policies without a certificate count as not certified."""
+    from tests.api.artefact_factory import write_random_artefact
+
+    plain = act(served, "plain", {"observations": ROWS.tolist()}, role="owner")
+    assert plain.status_code == 200 and plain.headers["x-policy-certified"] == "false"
+    meta = served.client.get(f"/policies/{served.policies['plain']}").json()
+    assert meta["certified"] is False and meta["certificate"] is None and meta["override"] is None
+
+    artefact = write_random_artefact(served.root / "certified", obs_dim=OBS_DIM, act_low=LOW, act_high=HIGH, seed=9)
+    sha = json.loads((artefact / "policy.json").read_text())["weights_sha256"]
+    cert = {"certified": True, "artefact_sha256": sha, "episodes": 30, "constraints": []}
+    record = served.store.create_policy_from_artefact(artefact, served.ids["owner"], certificate=cert)
+    served.policies["certified"] = record.id
+    for _ in range(2):  # first request loads the policy, the second is served from the cache
+        r = act(served, "certified", {"observations": ROWS.tolist()}, role="owner")
+        assert r.status_code == 200 and r.headers["x-policy-certified"] == "true"
+    meta = served.client.get(f"/policies/{record.id}", headers=served.auth("owner")).json()
+    assert meta["certified"] is True and meta["certificate"] == cert
+    bundle = served.client.get(f"/policies/{record.id}/export", params={"format": "bundle"})
+    with zipfile.ZipFile(io.BytesIO(bundle.content)) as z:
+        assert json.loads(z.read("certificate.json")) == cert
