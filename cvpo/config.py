@@ -58,6 +58,10 @@ class ConstraintConfig:
     # training layout; its cost is the controller's signal (0: no probes; the signal is then the
     # stochastic training episodes' cost).
     probe_every: int = 0
+    # ``cost_continuation = "mean"``: the cost critics bootstrap on the mean action a′ = μ(s′) instead of
+    # a sample, so Q_c (and the E-step constraint) is the cost-to-go of the policy the service serves
+    # after one sampled step; "sampled" is CVPO's stochastic-policy cost.
+    cost_continuation: str = "sampled"
 
 
 @dataclass
@@ -325,6 +329,11 @@ def validate(c: TrainConfig) -> None:
         f"must be in [constraints.margin, 1), got {k.margin_max}",
     )
     _check(k.probe_every >= 0, "constraints.probe_every", f"must be ≥ 0, got {k.probe_every}")
+    _check(
+        k.cost_continuation in ("sampled", "mean"),
+        "constraints.cost_continuation",
+        f"must be sampled or mean, got {k.cost_continuation!r}",
+    )
     if k.curriculum_start is not None:
         _check(
             k.curriculum_start >= 0 and math.isfinite(k.curriculum_start),

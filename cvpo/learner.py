@@ -152,19 +152,37 @@ class Learner:
 
     # ------------------------------------------------------------------ update
 
-    def critic_step(self, b: MinibatchTensors) -> dict[str, float]:
-        """One TD step for the reward critics (min over the pair) and the cost critics (no min), §4.3."""
+    def td_targets(self, b: MinibatchTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """n-step TD targets (y_r (B,), y_c (m, B)): reward min over the pair, cost with no min (§4.3)."""
         a = self.config.algo
         with torch.no_grad():
-            next_action = self._sample(self.actor, b.bootstrap_obs)  # a′ ~ π_θ(·|s′)
-            q_next = joint_forward((self.reward_target, self.cost_target), b.bootstrap_obs, next_action)
             nr = self.reward_critic.n_members
-            q_r_next = q_next[:nr].min(dim=0).values
-            q_c_next = q_next[nr:]  # (m, B)
+            if self.config.constraints.cost_continuation == "mean":
+                # Q_c of the served policy: after the first action, the mean action (docs/safety-margin.md).
+                # The reward side still bootstraps on a sample (the same draw as the "sampled" mode).
+                if self.diag:
+                    mean_next, std_next = self.actor.mean_std(b.bootstrap_obs)
+                    next_action = sample_actions_diag(mean_next, std_next)
+                else:
+                    mean_next, tril_next = self.actor(b.bootstrap_obs)
+                    next_action = sample_actions(mean_next, tril_next)
+                q_r_next = self.reward_target(b.bootstrap_obs, next_action).min(dim=0).values
+                q_c_next = self.cost_target(b.bootstrap_obs, mean_next)  # (m, B)
+            else:
+                next_action = self._sample(self.actor, b.bootstrap_obs)  # a′ ~ π_θ(·|s′)
+                q_next = joint_forward((self.reward_target, self.cost_target), b.bootstrap_obs, next_action)
+                q_r_next = q_next[:nr].min(dim=0).values
+                q_c_next = q_next[nr:]  # (m, B)
             alive = 1.0 - b.terminated
             y_r = b.reward_return + b.discount * alive * q_r_next
             cost_alive = alive if a.cost_mask == "terminated" else torch.ones_like(alive)
             y_c = b.cost_return.T + b.discount * cost_alive * q_c_next
+        return y_r, y_c
+
+    def critic_step(self, b: MinibatchTensors) -> dict[str, float]:
+        """One TD step for the reward critics (min over the pair) and the cost critics (no min), §4.3."""
+        nr = self.reward_critic.n_members
+        y_r, y_c = self.td_targets(b)
         q = joint_forward((self.reward_critic, self.cost_critic), b.obs, b.action)
         q_r, q_c = q[:nr], q[nr:]  # (reward_critics, B), (m, B)
         loss_r = ((q_r - y_r) ** 2).mean(dim=1).sum()

@@ -40,6 +40,7 @@ def test_defaults_preset_and_overrides_resolve_in_order() -> None:
         ({"constraints": {"margin_target": 0.0}}, "constraints.margin_target", "(0, 2]"),
         ({"constraints": {"margin_gain": 2.0}}, "constraints.margin_gain", "[0, 1]"),
         ({"constraints": {"probe_every": -1}}, "constraints.probe_every", "≥ 0"),
+        ({"constraints": {"cost_continuation": "det"}}, "constraints.cost_continuation", "sampled or mean"),
         ({"loop": {"eval_stochastic_episodes": -1}}, "loop.eval_stochastic_episodes", "[0, 1000]"),
         ({"algo": {"tau": float("nan")}}, "algo.tau", "NaN"),
         ({"loop": {"buffer_size": 10}}, "loop.buffer_size", "batch_size"),

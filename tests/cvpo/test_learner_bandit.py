@@ -68,3 +68,36 @@ def test_a_single_reward_critic_learns_the_same_constrained_answer() -> None:
     assert -0.6 < mean < -0.2, mean
     weighted = np.mean([h["estep_weighted_cost_0"] for h in history[-50:]])
     assert abs(weighted - 0.3) <= 0.05 * 0.3, weighted
+
+
+def _targets(continuation: str, covariance: str) -> tuple[Learner, MinibatchTensors, torch.Tensor, torch.Tensor]:
+    config = resolve_config({
+        "env_id": "SafetyPointCircle1-v0",
+        "constraints": {"cost_limits": [25.0, 10.0], "cost_continuation": continuation},
+        "network": {"actor_hidden": [16], "critic_hidden": [16], "covariance": covariance},
+    }, preset="none")
+    torch.manual_seed(5)
+    learner = Learner(config, obs_dim=3, act_dim=2, per_step_thresholds=np.array([1.0, 0.5]),
+                      device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(9)
+    b = MinibatchTensors(obs=torch.randn(64, 3, generator=g), action=torch.randn(64, 2, generator=g),
+                         reward_return=torch.randn(64, generator=g), cost_return=torch.rand(64, 2, generator=g),
+                         bootstrap_obs=torch.randn(64, 3, generator=g), discount=torch.full((64,), 0.97),
+                         terminated=(torch.rand(64, generator=g) < 0.2).float())
+    torch.manual_seed(11)
+    y_r, y_c = learner.td_targets(b)
+    return learner, b, y_r, y_c
+
+
+def test_mean_continuation_bootstraps_the_cost_critics_on_the_mean_action() -> None:
+    for covariance in ("diag", "cholesky"):
+        learner, b, y_r, y_c = _targets("mean", covariance)
+        with torch.no_grad():
+            mean_next = learner.actor(b.bootstrap_obs)[0]
+            q_c_next = learner.cost_target(b.bootstrap_obs, mean_next)
+        alive = 1.0 - b.terminated
+        torch.testing.assert_close(y_c, b.cost_return.T + b.discount * alive * q_c_next)
+        # The reward side is unchanged: same sample draw, same targets as the default mode.
+        _, _, y_r_sampled, y_c_sampled = _targets("sampled", covariance)
+        torch.testing.assert_close(y_r, y_r_sampled)
+        assert not torch.allclose(y_c, y_c_sampled)  # the sampled a′ gives other cost targets
