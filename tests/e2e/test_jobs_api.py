@@ -182,6 +182,9 @@ def test_cancel_running_keeps_checkpoint_which_promotes(api: Any, service: Servi
         ({"hyperparams": {"seed": 3}}, "seed"),
         ({"preset": "nope"}, "preset"),
         ({"device": "tpu"}, "device"),
+        ({"certify": {"episodes": 1}}, "episodes"),
+        ({"certify": {"episodes": 1001}}, "episodes"),
+        ({"certify": {"runs": 3}}, "runs"),
     ],
 )
 def test_bad_specs_are_422_naming_the_field(api: Any, change: dict[str, Any], loc: str) -> None:
