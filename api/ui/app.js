@@ -115,6 +115,37 @@
     return el("span", over ? { class: "over", title: "above the cost limit" } : {}, text, over ? " (over)" : "");
   }
 
+  // Certificates (README "Serving policies"): the decision as a badge in words, the numbers as a table.
+  function certBadge(certified, override) {
+    const text = certified ? "CERTIFIED" : override ? `NOT CERTIFIED (override: ${override.reason})` : "NOT CERTIFIED";
+    return el("span", { class: `badge s-${certified ? "certified" : "not-certified"}`, text });
+  }
+
+  function certNode(cert, idPrefix) {
+    if (!cert) return el("p", { class: "hint", text: "No certificate: this policy was registered before certification existed." });
+    const rows = (cert.constraints || []).map((c) => {
+      const over = c.limit !== null && c.cost_upper_bound > c.limit;
+      return el("tr", {}, el("td", { text: c.signal }), el("td", { class: "num", text: fmt(c.limit) }),
+        el("td", { class: "num", text: fmt(c.cost_mean) }),
+        el("td", { class: over ? "num over" : "num", text: fmt(c.cost_upper_bound) + (over ? " (over)" : "") }),
+        el("td", { class: "num", text: fmt(c.within_limit_share) }),
+        el("td", { class: "num", text: fmt(c.stochastic_cost_mean) }));
+    });
+    const pct = `${Math.round((cert.confidence || 0.95) * 100)} %`;
+    const table = el("table", { id: `${idPrefix}-constraints` },
+      el("thead", {}, el("tr", {}, ...["Constraint", "Limit", "Mean cost", `${pct} upper bound`, "Share within limit", "Sampled-action mean"].map((h) => el("th", { scope: "col", text: h })))),
+      el("tbody", {}, ...rows));
+    const dl = el("dl", { class: "kv", id: `${idPrefix}-facts` });
+    const seeds = cert.seeds || {};
+    kv(dl, [
+      ["Decision", certBadge(cert.certified, null)],
+      ["Episodes", `${cert.episodes} deterministic (seeds ${seeds.base}…${seeds.base + cert.episodes - 1}), ${cert.stochastic_episodes ?? 0} sampled`],
+      ["Task", cert.env_id], ["Return", cert.return_ci ? `${fmt(cert.return_mean)} (CI ${fmt(cert.return_ci[0])} … ${fmt(cert.return_ci[1])})` : fmt(cert.return_mean)],
+      ["Interval", cert.interval || "—"],
+    ]);
+    return el("div", {}, dl, el("div", { class: "table-wrap" }, table));
+  }
+
   function loop(fn, periodMs) {
     let stopped = false;
     const tick = async () => {
@@ -440,8 +471,28 @@
       $("job-failure").textContent = j.failure ? `Failed (${j.failure.reason}): ${j.failure.message}` : "";
       $("cancel-job").hidden = TERMINAL.has(j.status);
       $("cancel-job").disabled = j.status === "cancelling";
+      renderPromotion(j);
       $("job-spec").textContent = JSON.stringify(j.spec, null, 2);
       $("job-config").textContent = JSON.stringify(j.config, null, 2);
+    }
+
+    // The job's certification: the produced policy's certificate, or why no candidate became a policy.
+    function renderPromotion(j) {
+      const box = $("job-certificate");
+      const pr = j.promotion;
+      if (!pr) { box.replaceChildren(); return; }
+      if (j.certificate) {
+        box.replaceChildren(el("h3", { text: "Certificate of the promoted policy" }), certNode(j.certificate, "job-cert"));
+        return;
+      }
+      const tried = (pr.candidates || []).map((c) => el("li", {},
+        `${c.source} (${(c.roles || []).join(", ")}): `,
+        c.error ? c.error : `${c.certified ? "certified" : "not certified"}, ` +
+          (c.certificate ? c.certificate.constraints.map((k) => `${k.signal} upper bound ${fmt(k.cost_upper_bound)} / limit ${fmt(k.limit)}`).join("; ") : "")));
+      box.replaceChildren(
+        el("p", { class: "error", id: "promotion-reason", text: `No policy: ${pr.reason}` }),
+        el("p", { class: "hint", text: "An admin can still promote a checkpoint below with an override reason." }),
+        el("ul", { id: "promotion-candidates" }, ...tried));
     }
 
     function setProgress(step, total) {
@@ -469,8 +520,9 @@
       list.replaceChildren(...pols.items.map((p) => el("li", {},
         el("a", { href: `/ui/policies/${encodeURIComponent(p.id)}`, text: p.id }),
         ` — ${sourceText(p.source)}, eval reward ${fmt(p.source.eval_reward)}, cost `,
-        costNode(p.source.eval_cost, (p.cost_limits || [])[0]), p.shield ? `, shield: ${p.shield.type}` : "")));
-      if (!pols.items.length) list.append(el("li", { class: "hint", text: "No policy yet: a succeeded job promotes its best checkpoint." }));
+        costNode(p.source.eval_cost, (p.cost_limits || [])[0]), p.shield ? `, shield: ${p.shield.type}` : "", " ",
+        certBadge(p.certified, p.override))));
+      if (!pols.items.length) list.append(el("li", { class: "hint", text: "No policy yet: a succeeded job promotes its best certified checkpoint." }));
       const promotable = ckpts.items.filter((c) => c.promotable);
       const box = $("promote");
       box.replaceChildren();
@@ -607,6 +659,12 @@
     const src = pol.source || {};
     const limit = (pol.cost_limits || [])[0];
     $("policy-ready").replaceChildren(el("span", { class: `badge s-${pol.ready ? "ready" : "not-ready"}`, text: pol.ready ? "ready" : "not ready" }));
+    $("policy-certified").replaceChildren(certBadge(pol.certified, pol.override));
+    const certBox = $("policy-certificate");
+    certBox.replaceChildren(certNode(pol.certificate, "policy-cert"));
+    if (pol.override) {
+      certBox.prepend(el("p", { class: "error", id: "policy-override", text: `Promoted without certification by ${pol.override.actor} (${pol.override.at || ""}): ${pol.override.reason}` }));
+    }
     if (src.job_id) {
       $("crumb-job").textContent = src.job_id;
       $("crumb-job").href = `/ui/jobs/${encodeURIComponent(src.job_id)}`;

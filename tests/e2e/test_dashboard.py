@@ -82,7 +82,9 @@ def test_dashboard_end_to_end_in_chromium(service: Service, tmp_path: Path) -> N
             Select(driver.find_element(By.ID, "f-env")).select_by_value(TINY_SPEC["env_id"])
             assert driver.find_element(By.ID, "f-limit").get_attribute("value") == "25", "the task's default limit"
             assert "circle" in b.text("#preset-info"), "the task's preset is described"
-            for field, value in (("f-steps", TINY_SPEC["total_env_steps"]), ("f-seed", 1), ("f-eval", 1)):
+            # A limit the tiny policy meets, so that its job ends with a certified policy (conftest).
+            fields = (("f-steps", TINY_SPEC["total_env_steps"]), ("f-seed", 1), ("f-eval", 1), ("f-limit", 1000))
+            for field, value in fields:
                 box = driver.find_element(By.ID, field)
                 box.clear()
                 box.send_keys(str(value))
@@ -130,6 +132,8 @@ def test_dashboard_end_to_end_in_chromium(service: Service, tmp_path: Path) -> N
             policy_href = b.wait(
                 lambda: driver.find_element(By.CSS_SELECTOR, "#job-policies a").get_attribute("href"), 15, "its policy"
             )
+            b.wait(lambda: "upper bound" in b.text("#job-certificate"), 15, "the promoted policy's certificate")
+            assert "CERTIFIED" in b.text("#job-policies li") and "NOT" not in b.text("#job-policies li")
             # Promote the final checkpoint too: a second version of the job's policy.
             Select(b.wait(lambda: driver.find_element(By.ID, "promote-ckpt"), 15, "the promote form")).select_by_value(
                 "final"
@@ -156,6 +160,13 @@ def test_dashboard_end_to_end_in_chromium(service: Service, tmp_path: Path) -> N
             policy_id = policy_href.rsplit("/", 1)[1]
             meta = http.get(f"/policies/{policy_id}").json()
             assert meta["sha256"] in b.text("#policy-meta") and tiny_id in b.text("#policy-meta")
+            # The certificate: badge, per-constraint mean / upper bound / limit, episodes.
+            assert b.text("#policy-certified") == "CERTIFIED" and meta["certified"] is True
+            cert_rows = driver.find_elements(By.CSS_SELECTOR, "#policy-cert-constraints tbody tr")
+            c = meta["certificate"]["constraints"][0]
+            assert len(cert_rows) == 1 and cert_rows[0].text.split()[:2] == ["cost", "1,000"], cert_rows[0].text
+            assert f"{c['cost_upper_bound']:.2f}" in cert_rows[0].text and f"{c['cost_mean']:.2f}" in cert_rows[0].text
+            assert f"{meta['certificate']['episodes']} deterministic" in b.text("#policy-cert-facts")
             b.wait(lambda: "(this one)" in b.text("#policy-versions"), 10, "the versions list")
             assert len(driver.find_elements(By.CSS_SELECTOR, "#policy-versions li")) == 2, "both versions listed"
             assert "No aliases" in b.text("#policy-aliases")
