@@ -163,6 +163,9 @@ class Trainer:
         self.epoch_stats = EpochStats()
         self.elapsed_before = 0.0  # wall time of earlier attempts, for the metrics' wall_time_s
         self._stop = False
+        self._t0 = time.perf_counter()  # reset when train() starts
+        self._tb: Any = None  # TensorBoard writer while train() runs
+        self._metric_rows: list[dict[str, Any]] = []  # metrics.jsonl's rows, read once per train()
         self.on_epoch_end: list[EpochCallback] = []
         self.on_checkpoint: list[Callable[[Path, dict[str, Any]], None]] = []
 
@@ -597,7 +600,10 @@ class Trainer:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        # The CSV is rewritten whole (its columns follow the newest row), from rows kept in memory
+        # rather than re-reading metrics.jsonl every epoch.
+        self._metric_rows.append(json.loads(json.dumps(metrics)))
+        rows = self._metric_rows
         scalar_keys = [k for k in rows[-1] if not isinstance(rows[-1][k], list | dict)]
         with open(self.run_dir / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=scalar_keys, extrasaction="ignore")
@@ -618,6 +624,9 @@ class Trainer:
         if path.exists():
             keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < self.epoch]
             path.write_text("".join(line + "\n" for line in keep))
+            self._metric_rows = [json.loads(line) for line in keep]
+        else:
+            self._metric_rows = []
 
     # ------------------------------------------------------------------ the loop
 
