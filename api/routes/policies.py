@@ -404,7 +404,19 @@ router.add_api_route(
     "[-1, 1], map to the action Box, apply the policy's shield. Always numbers inside the Box, never null.",
     response_model=ActAnswer,
     response_model_exclude_none=True,
-    responses=_problems(400, 401, 403, 404, 413, 415, 422, 429, 500, 503),
+    responses={
+        200: {
+            "description": "Actions",
+            "headers": {
+                "X-Policy-Certified": {
+                    "description": "true when the policy's certificate certified it; false for an admin's "
+                    "override or a policy without a certificate",
+                    "schema": {"type": "string", "enum": ["true", "false"]},
+                }
+            },
+        },
+        **_problems(400, 401, 403, 404, 413, 415, 422, 429, 500, 503),
+    },
     openapi_extra={
         # Declared here rather than as a handler argument, which FastAPI would validate per request.
         "parameters": [{"name": "policy_id", "in": "path", "required": True, "schema": {"type": "string"}}],

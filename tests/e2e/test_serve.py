@@ -27,8 +27,15 @@ def _alive(pid: int) -> bool:
 def test_cvpo_serve_trains_a_job_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "CVPO_API_TOKEN", "DATABASE_URL")}
-    env.update({"CVPO_DATA_DIR": str(tmp_path / "data"), "CVPO_PORT": str(port), "CVPO_HEARTBEAT_S": "0.5",
-                "CVPO_CERTIFY_EPISODES": "6", "CVPO_CERTIFY_STOCHASTIC_EPISODES": "1"})
+    env.update(
+        {
+            "CVPO_DATA_DIR": str(tmp_path / "data"),
+            "CVPO_PORT": str(port),
+            "CVPO_HEARTBEAT_S": "0.5",
+            "CVPO_CERTIFY_EPISODES": "6",
+            "CVPO_CERTIFY_STOCHASTIC_EPISODES": "1",
+        }
+    )
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - the child writes it until it exits
     serve = subprocess.Popen([sys.executable, "-m", "cvpo.cli", "serve"], env=env, cwd=ROOT, stdout=log, stderr=log)
     try:
