@@ -5,12 +5,15 @@ The route stays thin: ``parse_act_request`` turns raw bytes into a float64 batch
 returns orjson bytes. No pydantic on this path (≈0.15 ms per 60 floats, §2.5): orjson plus a few
 vectorised numpy checks, with a slow element-by-element scan only to locate a culprit for a 4xx.
 
-Body (keys other than these four are a 422)::
+Body (keys other than these five are a 422)::
 
-    {"observations": [[...], ...] | [...], "deterministic": true, "seed": null, "request_id": null}
+    {"observations": [[...], ...] | [...], "deterministic": true, "seed": null, "request_id": null,
+     "return": ["cost_to_go"]}
 
 ``observations`` is a batch of rows, or one flat row (``single``). The response always carries
-``actions`` as a list of rows, so clients parse one shape whatever they sent.
+``actions`` as a list of rows, so clients parse one shape whatever they sent. ``return`` asks for
+extra outputs: ``"cost_to_go"`` adds ``cost_to_go`` (B rows of m numbers), the policy's cost
+critics' Q_c(s, a) per constraint for the action it produced (a 422 for a policy without critics).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from cvpo.envs.wrappers import scale_action
 
 log = logging.getLogger("cvpo.api")
 
-ALLOWED_KEYS = frozenset({"observations", "deterministic", "seed", "request_id"})
+ALLOWED_KEYS = frozenset({"observations", "deterministic", "seed", "request_id", "return"})
+RETURNABLE = ("cost_to_go",)  # extra outputs a request may ask for in "return"
+MAX_RETURN = 8
 MAX_REQUEST_ID = 128
 MAX_SEED = 2**63
 MAX_ERRORS = 10  # culprits listed in one 422; the first is the one ``detail`` names
@@ -65,6 +70,7 @@ class ActRequest:
     seed: int | None = None
     request_id: str | None = None
     single: bool = False  # one flat observation was sent (only changes error locations)
+    cost_to_go: bool = False  # "return": ["cost_to_go"]
 
 
 # ---------------------------------------------------------------------------------------- parsing
@@ -243,9 +249,25 @@ def parse_act_request(body: bytes, obs_dim: int, max_batch: int) -> ActRequest:
             request_id.encode("utf-8")  # a lone surrogate (accepted by the lenient parser) cannot be echoed
         except UnicodeEncodeError:
             raise _invalid(["request_id"], "must be valid Unicode text") from None
+    cost_to_go = "return" in doc and _returns(doc["return"])
     known_bools = 1 if "deterministic" in doc else 0
     observations, single = _observations(doc["observations"], obs_dim, max_batch, body, known_bools)
-    return ActRequest(observations, deterministic, seed, request_id, single)
+    return ActRequest(observations, deterministic, seed, request_id, single, cost_to_go)
+
+
+def _returns(value: Any) -> bool:
+    """``"return"``: a list of names from ``RETURNABLE`` (True when it asks for cost_to_go)."""
+    if type(value) is not list or len(value) > MAX_RETURN:
+        raise _invalid(["return"], f"must be a list of at most {MAX_RETURN} of {list(RETURNABLE)}", input=value)
+    for i, name in enumerate(value):
+        if name not in RETURNABLE or type(name) is not str:
+            raise _invalid(
+                ["return", i],
+                f"unknown output; allowed: {list(RETURNABLE)}",
+                f"return[{i}]: {_echo(name)!r} is not an output /act can return; allowed: {list(RETURNABLE)}",
+                input=name,
+            )
+    return "cost_to_go" in value
 
 
 # ------------------------------------------------------------------------------------------ acting
@@ -259,6 +281,13 @@ def act(runtime: PolicyRuntime, req: ActRequest, shield: Shield | None, policy_i
     artefact itself must be broken, and a 422 ``Problem`` when un-normalised input overflowed.
     """
     obs = req.observations
+    if req.cost_to_go and runtime.cost_critic is None:
+        raise _invalid(
+            ["return"],
+            "this policy has no cost critic",
+            f"policy {policy_id} cannot return cost_to_go: its artefact carries no cost critic "
+            "(it was exported before critics were included, or without them)",
+        )
     ACT_BATCH_SIZE.observe(obs.shape[0])
     rng = None if req.deterministic else np.random.default_rng(req.seed)
     with np.errstate(over="ignore", invalid="ignore"):  # huge raw inputs are clipped or refused below
@@ -276,6 +305,9 @@ def act(runtime: PolicyRuntime, req: ActRequest, shield: Shield | None, policy_i
             raise _invalid(["observations"], "too large for this policy: its forward pass overflowed")
         ACT_CORRUPT.labels(policy_id).inc()
         raise CorruptPolicyError(f"policy {policy_id} produced a non-finite action from normalised input")
+    cost_to_go = None
+    if req.cost_to_go or (shield is not None and shield.wants_cost_to_go):
+        cost_to_go = _cost_to_go(runtime, obs, raw, policy_id)
     actions, clipped = scale_action(raw, runtime.low, runtime.high)
     n_clipped = int(np.count_nonzero(clipped))
     if n_clipped:
@@ -289,14 +321,28 @@ def act(runtime: PolicyRuntime, req: ActRequest, shield: Shield | None, policy_i
         "deterministic": req.deterministic,
     }
     if shield is not None:
-        actions, applied, reasons = shield.apply(policy_id, obs, actions)
+        actions, applied, reasons = shield.apply(policy_id, obs, actions, cost_to_go)
     out["actions"], out["clipped"] = actions, clipped
+    if req.cost_to_go:
+        out["cost_to_go"] = cost_to_go
     if shield is not None:
         out["shield"] = {"applied": applied, "reasons": reasons}
         if not np.isfinite(actions).all():  # finite raw actions stay finite through clip and map
             ACT_CORRUPT.labels(policy_id).inc()
             raise CorruptPolicyError(f"policy {policy_id}'s shield produced a non-finite action")
     return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _cost_to_go(runtime: PolicyRuntime, obs: np.ndarray, raw: np.ndarray, policy_id: str) -> np.ndarray:
+    """Q_c(s, a) (B, m) of the policy's raw actions; non-finite output is handled like the actor's."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = runtime.cost_to_go(obs, raw)
+    if not np.isfinite(q).all():
+        if runtime.norm_mean is None:
+            raise _invalid(["observations"], "too large for this policy: its cost critic overflowed")
+        ACT_CORRUPT.labels(policy_id).inc()
+        raise CorruptPolicyError(f"policy {policy_id}'s cost critic produced a non-finite value")
+    return q
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -311,6 +357,7 @@ class LoadedPolicy:
     shield: Shield | None
     client: str | None = None
     macs_per_row: int = 0  # multiply-adds of one forward pass: sizes the inline-or-threadpool choice
+    critic_macs_per_row: int = 0  # and of the cost critics, for requests that return cost_to_go
     # The ``X-Policy-Certified`` header every /act answer carries, built once (policies are immutable).
     certified_header: tuple[bytes, bytes] = (b"x-policy-certified", b"false")
 
@@ -322,8 +369,13 @@ def _macs_per_row(runtime: PolicyRuntime) -> int:
     return sum(w.size for w, _ in runtime.trunk) + runtime.mean_w.size + runtime.cov_w.size
 
 
+def _critic_macs_per_row(runtime: PolicyRuntime) -> int:
+    return sum(w.size for w, _ in runtime.cost_critic or [])
+
+
 def _check_weights_finite(runtime: PolicyRuntime) -> None:
     arrays = [a for pair in runtime.trunk for a in pair] + [runtime.mean_w, runtime.mean_b]
+    arrays += [a for pair in runtime.cost_critic or [] for a in pair]
     if runtime.norm_mean is not None:
         arrays += [runtime.norm_mean, runtime.norm_std]
     if not all(np.isfinite(a).all() for a in arrays):
@@ -391,8 +443,15 @@ class PolicyCache:
                     self.mark_not_ready(policy_id, str(exc))
                     raise PolicyNotReadyError(str(exc)) from exc
                 shield = build_shield(shield_spec, runtime.meta, self.hooks)
+                critic_macs = _critic_macs_per_row(runtime)
                 entry = LoadedPolicy(
-                    policy_id, runtime, shield, client, _macs_per_row(runtime), CERTIFIED_HEADERS[bool(certified)]
+                    policy_id,
+                    runtime,
+                    shield,
+                    client,
+                    _macs_per_row(runtime) + (critic_macs if shield is not None and shield.wants_cost_to_go else 0),
+                    critic_macs,
+                    CERTIFIED_HEADERS[bool(certified)],
                 )
                 self._entries[policy_id] = entry
                 log.info("loaded policy %s from %s", policy_id, path)

@@ -1,11 +1,20 @@
 """The policy artefact: what serving needs, nothing the trainer owns (service-design.md §2.3).
 
-An artefact directory holds ``policy.safetensors`` (actor weights, normaliser mean/var) and
-``policy.json`` (task, spaces, architecture, normaliser clip, cost limits, config hash, training
-summary, the weights' sha256). ``load_policy`` reads it with safetensors' numpy backend and runs
-the MLP in numpy: importing this module imports neither torch nor the trainer (a test checks
+An artefact directory holds ``policy.safetensors`` (actor weights, normaliser mean/var and,
+optionally, the cost critics) and ``policy.json`` (task, spaces, architecture, normaliser clip,
+cost limits, config hash, training summary, the weights' sha256, and a ``cost_critic`` section when
+the critics are inside). ``load_policy`` reads it with safetensors' numpy backend and runs the MLPs
+in numpy: importing this module imports neither torch nor the trainer (a test checks
 ``sys.modules`` in a fresh interpreter). ``write_policy_artefact`` is the only function that
 touches torch, and imports it lazily.
+
+The cost critics (optional; artefacts written before they existed have none and load as before)
+are the learner's m-member ``EnsembleCritic``, one member per constraint: layer l is stored as
+``cost_critic.{l}.weight`` (m, in, out) and ``cost_critic.{l}.bias`` (m, out), in the same
+safetensors file as the actor, so the one sha256 covers them. Member j maps the *normalised*
+observation concatenated with the *raw* action (the policy's [-1, 1] convention, before clipping
+and the Box map: what the replay buffer holds and the critics were trained on) through ReLU hidden
+layers to Q_c,j(s, a), the predicted discounted cost-to-go of constraint j.
 """
 
 from __future__ import annotations
@@ -35,10 +44,35 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _critic_tensors(critic: Any, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
+    """An ``EnsembleCritic``'s stacked layers as ``cost_critic.{l}.weight`` (m, in, out) / ``.bias`` (m, out)."""
+    if critic.obs_dim != obs_dim or critic.act_dim != act_dim:
+        raise ArtefactError(
+            f"the cost critic takes ({critic.obs_dim}, {critic.act_dim}) inputs, the actor ({obs_dim}, {act_dim})"
+        )
+    out: dict[str, np.ndarray] = {}
+    for layer, (w, b) in enumerate(zip(critic.weights, critic.biases, strict=True)):
+        out[f"cost_critic.{layer}.weight"] = w.detach().cpu().float().numpy()
+        out[f"cost_critic.{layer}.bias"] = b.detach().cpu().float().numpy().reshape(w.shape[0], w.shape[2])
+    return out
+
+
 def write_policy_artefact(
-    path: Path, actor: Any, normalizer: Any, env: Any, config: Any, summary: dict[str, Any]
+    path: Path,
+    actor: Any,
+    normalizer: Any,
+    env: Any,
+    config: Any,
+    summary: dict[str, Any],
+    cost_critic: Any = None,
+    horizon: int | None = None,
 ) -> Path:
-    """Export a GaussianActor (+ normaliser) into ``path`` atomically."""
+    """Export a GaussianActor (+ normaliser, + optionally the cost critics) into ``path`` atomically.
+
+    ``cost_critic``: the learner's cost ``EnsembleCritic`` (one member per constraint), or None.
+    ``horizon``: the task's episode length T, used to record the per-step thresholds
+    c̄ = C·(1 − γ^T)/((1 − γ)·T) that the cost limits mean for Q_c (None: not recorded).
+    """
     from torch import nn
 
     layers = [m for m in actor.trunk if isinstance(m, nn.Linear)]
@@ -57,6 +91,10 @@ def write_policy_artefact(
         tensors["normalizer.mean"] = normalizer.mean.astype(np.float64)
         tensors["normalizer.var"] = normalizer.var.astype(np.float64)
         normalizer_meta.update({"clip": normalizer.clip, "epsilon": normalizer.epsilon, "count": normalizer.count})
+    critic_meta = None
+    if cost_critic is not None and cost_critic.n_members > 0:
+        tensors.update(_critic_tensors(cost_critic, env.obs_dim, env.act_dim))
+        critic_meta = _critic_meta(cost_critic, config, horizon)
 
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
@@ -77,6 +115,7 @@ def write_policy_artefact(
         },
         "normalizer": normalizer_meta,
         "cost_limits": [float(c) if np.isfinite(c) else None for c in config.constraints.cost_limits],
+        **({"cost_critic": critic_meta} if critic_meta is not None else {}),
         "config_hash": config.config_hash(),
         "summary": summary,
         "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
@@ -93,6 +132,29 @@ def write_policy_artefact(
     else:
         os.rename(tmp, path)
     return path
+
+
+def _critic_meta(critic: Any, config: Any, horizon: int | None) -> dict[str, Any]:
+    """policy.json's ``cost_critic`` section: shape, inputs, and what its numbers are measured against."""
+    gamma = float(config.algo.gamma)
+    limits = list(config.constraints.cost_limits)
+    thresholds: list[float | None] | None = None
+    if horizon is not None:
+        from cvpo.thresholds import per_step_threshold  # numpy only
+
+        thresholds = [float(c) if np.isfinite(c) else None for c in per_step_threshold(limits, int(horizon), gamma)]
+    return {
+        "members": int(critic.n_members),
+        "layers": len(critic.weights),
+        "activation": "relu",
+        "input": "normalised observation ++ raw action (policy [-1, 1] convention, before clipping)",
+        "output": "discounted cost-to-go Q_c(s, a) per constraint",
+        "gamma": gamma,
+        "horizon": None if horizon is None else int(horizon),
+        "per_step_thresholds": thresholds,
+        "cost_signals": list(config.constraints.cost_signals or ("cost",) * int(critic.n_members)),
+        "cost_continuation": getattr(config.constraints, "cost_continuation", "sampled"),
+    }
 
 
 class PolicyRuntime:
@@ -125,6 +187,42 @@ class PolicyRuntime:
         self.norm_mean = tensors.get("normalizer.mean") if norm["present"] else None
         self.norm_std = np.sqrt(tensors["normalizer.var"] + norm["epsilon"]) if norm["present"] else None
         self.norm_clip = norm.get("clip")
+        # The cost critics, when the artefact carries them: per layer (W (m, in, out), b (m, 1, out)).
+        self.cost_critic: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.critic_members = 0
+        critic = meta.get("cost_critic")
+        if critic is not None:
+            self.cost_critic, self.critic_members = _load_critic(critic, tensors, self.obs_dim + self.act_dim)
+
+    @property
+    def has_cost_critic(self) -> bool:
+        return self.cost_critic is not None
+
+    def normalise(self, obs: np.ndarray) -> np.ndarray:
+        """Raw observations (B, o) → what the networks see: (x − mean)/std clipped to ±clip, or x."""
+        x = np.asarray(obs, dtype=np.float64)
+        if self.norm_mean is None:
+            return x
+        return np.clip((x - self.norm_mean) / self.norm_std, -self.norm_clip, self.norm_clip)
+
+    def cost_to_go(self, obs: np.ndarray, raw_action: np.ndarray) -> np.ndarray:
+        """Q_c(s, a) per constraint, (B, m), for raw observations (B, o) and raw policy actions (B, d).
+
+        ``raw_action`` is in the policy's own convention, before clipping and the Box map (what
+        ``raw_action`` returns), as the critics were trained. Raises ``ValueError`` without critics.
+        """
+        if self.cost_critic is None:
+            raise ValueError("this policy artefact carries no cost critic")
+        obs = np.atleast_2d(np.asarray(obs, dtype=np.float64))
+        a = np.atleast_2d(np.asarray(raw_action, dtype=np.float64))
+        h = np.concatenate([self.normalise(obs), a], axis=1)  # (B, o + d), shared by every member
+        last = len(self.cost_critic) - 1
+        for layer, (w, b) in enumerate(self.cost_critic):
+            h = h @ w  # (B, in) @ (m, in, out) → (m, B, out); then (m, B, in) @ (m, in, out)
+            h += b
+            if layer < last:
+                np.maximum(h, 0.0, out=h)
+        return h[..., 0].T
 
     def _features(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Trunk features and the mean head's output: all a deterministic action needs."""
@@ -173,6 +271,27 @@ class PolicyRuntime:
         return scale_action(self.raw_action(obs, deterministic, rng), self.low, self.high)
 
 
+def _load_critic(
+    critic: dict[str, Any], tensors: dict[str, np.ndarray], in_dim: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """The critic layers named by policy.json's ``cost_critic`` section, shape-checked, in float64."""
+    try:
+        n_layers, m = int(critic["layers"]), int(critic["members"])
+        layers = []
+        for layer in range(n_layers):
+            w = tensors[f"cost_critic.{layer}.weight"].astype(np.float64)
+            b = tensors[f"cost_critic.{layer}.bias"].astype(np.float64)
+            expected_in = in_dim if layer == 0 else layers[-1][0].shape[2]
+            if w.ndim != 3 or w.shape[:2] != (m, expected_in) or b.shape != (m, w.shape[2]):
+                raise ValueError(f"layer {layer} has shapes {w.shape}, {b.shape}")
+            layers.append((np.ascontiguousarray(w), b[:, None, :].copy()))
+        if not layers or layers[-1][0].shape[2] != 1 or m < 1:
+            raise ValueError("the last layer must have one output per member")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtefactError(f"malformed cost critic: {exc}") from exc
+    return layers, m
+
+
 def load_policy(path: Path) -> PolicyRuntime:
     """Load an artefact after checking its weights against the sha256 recorded at export."""
     path = Path(path)
@@ -185,7 +304,10 @@ def load_policy(path: Path) -> PolicyRuntime:
     weights = path / WEIGHTS_FILE
     if not weights.is_file() or _sha256(weights) != meta.get("weights_sha256"):
         raise ArtefactError(f"{path}: {WEIGHTS_FILE} is missing or fails its sha256 check")
-    return PolicyRuntime(meta, load_file(str(weights)))
+    try:
+        return PolicyRuntime(meta, load_file(str(weights)))
+    except ArtefactError as exc:
+        raise ArtefactError(f"{path}: {exc}") from exc
 
 
 def evaluate_policy(policy: PolicyRuntime, episodes: int = 10, seed: int = 0) -> dict[str, Any]:

@@ -593,6 +593,8 @@ class Trainer:
             env=self.env,
             config=self.config,
             summary=summary,
+            cost_critic=self.learner.cost_critic,  # Q_c at serve time (/act "return": ["cost_to_go"])
+            horizon=self.horizon,
         )
 
     # ------------------------------------------------------------------ metrics files

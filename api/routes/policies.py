@@ -112,6 +112,13 @@ def act_body_schema(max_batch: int = 1024) -> dict[str, Any]:
                 "description": "Makes a stochastic answer repeatable",
             },
             "request_id": {"anyOf": [{"type": "string", "maxLength": 128}, {"type": "null"}], "description": "Echoed"},
+            "return": {
+                "type": "array",
+                "maxItems": 8,
+                "items": {"type": "string", "enum": ["cost_to_go"]},
+                "description": "Extra outputs. cost_to_go: the cost critics' Q_c(s, a) per constraint of the "
+                "policy's action (422 when the policy has no cost critic; see has_cost_critic)",
+            },
         },
         "example": {"observations": [[0.12, -0.4, 0.5]], "deterministic": True, "seed": None, "request_id": "c-913"},
     }
@@ -130,6 +137,11 @@ class ActAnswer(BaseModel):
     actions: list[list[float]] = Field(..., description="actions[i] answers observations[i], inside [low, high]")
     clipped: list[bool] = Field(..., description="Whether the policy's output was clipped to the Box")
     shield: ShieldReport | None = Field(None, description="Present only for shielded policies")
+    cost_to_go: list[list[float]] | None = Field(
+        None,
+        description='Only with "return": ["cost_to_go"]: per row, the predicted discounted cost-to-go Q_c(s, a) '
+        "per constraint of the action the policy produced (before any shield)",
+    )
 
 
 class Space(BaseModel):
@@ -167,6 +179,12 @@ class PolicyOut(BaseModel):
     source: Source
     architecture: dict[str, Any] | None
     config_hash: str | None
+    has_cost_critic: bool = Field(
+        False, description='The artefact carries its cost critics: /act can "return": ["cost_to_go"]'
+    )
+    cost_critic: dict[str, Any] | None = Field(
+        None, description="The critics' members, γ, per-step thresholds c̄ and inputs; null when there are none"
+    )
     certified: bool = Field(..., description="Every constraint's cost upper bound ≤ its limit on held-out layouts")
     certificate: dict[str, Any] | None = Field(None, description="cvpo.certify certificate; null for old policies")
     override: dict[str, Any] | None = Field(None, description="An admin's override of the gate: reason, actor, at")
@@ -243,6 +261,8 @@ def policy_resource(policy: PolicyRecord, settings: Any, cache: PolicyCache | No
             },
             "architecture": meta.get("architecture"),
             "config_hash": meta.get("config_hash"),
+            "has_cost_critic": bool(meta.get("cost_critic")),
+            "cost_critic": meta.get("cost_critic"),
             "certified": bool(policy.certified),
             "certificate": policy.certificate,
             "override": policy.override,
@@ -371,7 +391,8 @@ async def act_route(request: Request) -> Response:
     try:
         if len(body) <= INLINE_BODY_BYTES:
             req = parse_act_request(body, runtime.obs_dim, max_batch)
-            if req.observations.shape[0] * entry.macs_per_row <= INLINE_MACS:
+            macs = entry.macs_per_row + (entry.critic_macs_per_row if req.cost_to_go else 0)
+            if req.observations.shape[0] * macs <= INLINE_MACS:
                 out = act(runtime, req, entry.shield, policy_id)
             else:
                 out = await run_in_threadpool(act, runtime, req, entry.shield, policy_id)

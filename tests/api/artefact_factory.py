@@ -23,15 +23,21 @@ def write_random_artefact(
     head_scale: float = 40.0,
     env_id: str = "SafetyPointGoal1-v0",
     seed: int = 0,
+    cost_critic: bool | int = False,
+    critic_hidden: Sequence[int] = (16, 16),
+    horizon: int | None = 1000,
 ) -> Path:
     """A GaussianActor with random weights (mean head scaled by ``head_scale`` so some actions clip)
-    and, optionally, a normaliser with non-trivial statistics, exported by ``write_policy_artefact``."""
+    and, optionally, a normaliser with non-trivial statistics, exported by ``write_policy_artefact``.
+
+    ``cost_critic``: True (one constraint) or a number of constraints m exports a random m-member
+    ``EnsembleCritic`` with the actor (random biases too, so no member is identically zero)."""
     import torch
 
     from cvpo.artefact import write_policy_artefact
     from cvpo.config import resolve_config
     from cvpo.envs.wrappers import ObservationNormalizer
-    from cvpo.nets import GaussianActor
+    from cvpo.nets import EnsembleCritic, GaussianActor
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -47,5 +53,16 @@ def write_random_artefact(
     low = np.asarray(act_low if act_low is not None else [-1.0] * act_dim, dtype=np.float64)
     high = np.asarray(act_high if act_high is not None else [1.0] * act_dim, dtype=np.float64)
     env = SimpleNamespace(obs_dim=obs_dim, act_dim=act_dim, act_low=low, act_high=high)
-    config = resolve_config({"env_id": env_id})
-    return write_policy_artefact(Path(path), actor, norm, env, config, {"synthetic": True, "seed": seed})
+    m = int(cost_critic)
+    critic = None
+    overrides: dict = {"env_id": env_id}
+    if m:
+        critic = EnsembleCritic(obs_dim, act_dim, m, critic_hidden)
+        with torch.no_grad():
+            for b in critic.biases:
+                b.copy_(torch.as_tensor(rng.normal(0, 0.5, tuple(b.shape)), dtype=torch.float32))
+        overrides["constraints"] = {"cost_limits": [25.0 + 5 * j for j in range(m)]}
+    config = resolve_config(overrides)
+    return write_policy_artefact(
+        Path(path), actor, norm, env, config, {"synthetic": True, "seed": seed}, cost_critic=critic, horizon=horizon
+    )
