@@ -45,6 +45,16 @@ the sample shows. If no episode in N had any cost, the bound is 0; the probabili
 episode is then only known to be below ~3/N (rule of three), so pick N with that in mind.
 ``upper_range`` (T * max step cost, when known) is only a validity check on the data and a cap on
 the bound, never a width term.
+
+Critic calibration. When the artefact carries its cost critics, the certificate also records, per
+deterministic episode, the critics' prediction Q_c(s_0, a_0) at the start state and the served
+policy's first (mean) action, beside the realised discounted cost sum_t gamma^t c_t of that episode
+(gamma from the artefact's ``cost_critic`` section), and their means per constraint
+(``critic_calibration``). It says how far the serve-time ``cost_to_go`` can be trusted on these
+layouts; it is reported, never part of the decision. Two caveats are recorded with it: the
+realised sum stops at the episode's end while Q_c bootstraps past a time limit (gamma^T is 0.007 at
+T = 500, gamma = 0.99), and with ``cost_continuation = "sampled"`` (the default) the critics predict
+the cost of continuing with *sampled* actions, whereas these episodes follow the mean.
 """
 
 from __future__ import annotations
@@ -271,6 +281,7 @@ class Certificate:
     safety_gymnasium_version: str | None
     created: str
     return_interval: str = RETURN_INTERVAL
+    critic_calibration: dict[str, Any] | None = None  # None: the artefact has no cost critics
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,6 +361,54 @@ def _check_spaces(policy: Any, env_id: str) -> None:
         raise ValueError(f"cannot certify the {policy.meta['env_id']} policy on {env_id}: " + "; ".join(problems))
 
 
+@dataclass
+class EpisodeRecord:
+    """``run_episodes_detailed``'s numbers: per episode the return and costs, and with ``gamma`` the
+    discounted costs and (for artefacts with cost critics) Q_c at the first state and action."""
+
+    returns: list[float]
+    costs: list[list[float]]
+    discounted_costs: list[list[float]] = dataclasses.field(default_factory=list)
+    predicted_costs: list[list[float]] = dataclasses.field(default_factory=list)
+
+
+def run_episodes_detailed(
+    policy: Any,
+    env: Any,
+    seeds: Sequence[int],
+    signals: Sequence[str],
+    rng: np.random.Generator | None = None,
+    gamma: float | None = None,
+) -> EpisodeRecord:
+    """``run_episodes``, plus, when ``gamma`` is given, each episode's discounted cost per constraint
+    and, when the artefact has cost critics, their Q_c(s_0, a_0) of its first action."""
+    out = EpisodeRecord([], [])
+    predict = gamma is not None and getattr(policy, "cost_critic", None) is not None
+    for seed in seeds:
+        obs, _ = env.reset(seed=int(seed))
+        ep_return, ep_cost, ep_discounted, discount = 0.0, np.zeros(len(signals)), np.zeros(len(signals)), 1.0
+        first = True
+        while True:
+            action = policy.raw_action(obs, deterministic=rng is None, rng=rng)[0]
+            if first and predict:
+                out.predicted_costs.append([float(q) for q in policy.cost_to_go(obs, action)[0]])
+            first = False
+            obs, reward, cost, terminated, truncated, info = env.step(action)
+            step_costs = _step_costs(signals, cost, info)
+            ep_return += reward
+            ep_cost += step_costs
+            if gamma is not None:
+                ep_discounted += discount * step_costs
+                discount *= gamma
+            if terminated or truncated:
+                break
+        out.returns.append(float(ep_return))
+        out.costs.append([float(c) for c in ep_cost])
+        if gamma is not None:
+            out.discounted_costs.append([float(c) for c in ep_discounted])
+    return out
+
+
 def run_episodes(
     policy: Any,
     env: Any,
@@ -362,20 +421,41 @@ def run_episodes(
     The raw policy output goes to ``SafeEnv.step``, which clips it to [-1, 1] and maps it onto the
     Box (as training-time evaluation and ``evaluate_policy`` do).
     """
-    returns, costs = [], []
-    for seed in seeds:
-        obs, _ = env.reset(seed=int(seed))
-        ep_return, ep_cost = 0.0, np.zeros(len(signals))
-        while True:
-            action = policy.raw_action(obs, deterministic=rng is None, rng=rng)[0]
-            obs, reward, cost, terminated, truncated, info = env.step(action)
-            ep_return += reward
-            ep_cost += _step_costs(signals, cost, info)
-            if terminated or truncated:
-                break
-        returns.append(float(ep_return))
-        costs.append([float(c) for c in ep_cost])
-    return returns, costs
+    record = run_episodes_detailed(policy, env, seeds, signals, rng)
+    return record.returns, record.costs
+
+
+def critic_calibration(
+    predicted: Sequence[Sequence[float]],
+    realised: Sequence[Sequence[float]],
+    signals: Sequence[str],
+    gamma: float,
+    continuation: str | None = None,
+) -> dict[str, Any]:
+    """The certificate's ``critic_calibration``: per constraint, the mean of the critics' Q_c(s_0, a_0)
+    and of the realised discounted episode cost over the same episodes, plus the per-episode values."""
+    pred = np.asarray(predicted, dtype=np.float64).reshape(len(predicted), -1)
+    real = np.asarray(realised, dtype=np.float64).reshape(len(realised), -1)
+    if pred.shape != real.shape or pred.shape[0] < 1 or pred.shape[1] != len(signals):
+        raise ValueError(f"predicted {pred.shape} and realised {real.shape} costs for {len(signals)} constraint(s)")
+    return {
+        "gamma": float(gamma),
+        "episodes": int(pred.shape[0]),
+        "at": "start state, first (mean) action; realised = sum_t gamma^t c_t of the deterministic episode",
+        "cost_continuation": continuation,
+        "constraints": [
+            {
+                "signal": signals[j],
+                "predicted_mean": float(pred[:, j].mean()),
+                "realised_mean": float(real[:, j].mean()),
+                "bias": float(pred[:, j].mean() - real[:, j].mean()),
+                "mean_abs_error": float(np.abs(pred[:, j] - real[:, j]).mean()),
+            }
+            for j in range(pred.shape[1])
+        ],
+        "predicted": pred.tolist(),
+        "realised": real.tolist(),
+    }
 
 
 def certify_policy(
@@ -435,7 +515,10 @@ def certify_policy(
     with envs.make(target) as env:
         if env.obs_dim != policy.obs_dim or env.act_dim != policy.act_dim:  # the catalogue agreed; the env must too
             raise ValueError(f"{target} built with spaces ({env.obs_dim}, {env.act_dim}) unlike the policy's")
-        returns, costs = run_episodes(policy, env, seeds, signals)
+        critic = meta.get("cost_critic") if getattr(policy, "cost_critic", None) is not None else None
+        gamma = float(critic["gamma"]) if critic and critic.get("gamma") is not None else None
+        record = run_episodes_detailed(policy, env, seeds, signals, gamma=gamma)
+        returns, costs = record.returns, record.costs
         s_seeds = [seed_base + i for i in range(stochastic_episodes)]
         s_returns, s_costs = run_episodes(policy, env, s_seeds, signals, rng=rng)
 
@@ -473,4 +556,14 @@ def certify_policy(
         engine_version=_engine_version(),
         safety_gymnasium_version=_safety_gymnasium_version(),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        critic_calibration=(
+            critic_calibration(
+                record.predicted_costs, record.discounted_costs, signals, gamma, critic.get("cost_continuation")
+            )
+            if critic
+            and gamma is not None
+            and record.predicted_costs
+            and len(record.predicted_costs[0]) == len(signals)
+            else None
+        ),
     )

@@ -12,6 +12,11 @@ more than the 1e-5 agreement with ``PolicyRuntime`` that the tests hold it to. T
 
 Inputs/outputs: ``observations`` float32 [batch, obs_dim] → ``actions`` float32 [batch, act_dim],
 ``clipped`` bool [batch] (the mean left [-1, 1]), plus ``shield_applied`` bool [batch] for box shields.
+
+``cost_head=True`` (artefacts that carry their cost critics) adds ``cost_to_go`` float32
+[batch, m]: the critics' Q_c(s, a) per constraint for the normalised observation and the policy's
+raw mean action (after ``mean_bound·tanh``, before the clip), as ``/act`` returns it. The m members
+run as one broadcast MatMul per layer over their stacked (m, in, out) weights, in float32.
 """
 
 from __future__ import annotations
@@ -70,8 +75,29 @@ def _box_shield(shield: dict[str, Any] | None, runtime: PolicyRuntime) -> tuple[
     return low, high
 
 
-def build_model(runtime: PolicyRuntime, shield: dict[str, Any] | None = None) -> onnx.ModelProto:
-    """The ONNX model of a loaded artefact's deterministic policy (see the module docstring)."""
+def _cost_head(g: _Graph, runtime: PolicyRuntime, features: str, mean: str) -> None:
+    """Q_c(s, a) (B, m) as ``cost_to_go`` from the normalised observation and the raw mean action."""
+    assert runtime.cost_critic is not None
+    h = g.op("Concat", features, mean, axis=1)  # (B, o + d)
+    last = len(runtime.cost_critic) - 1
+    for layer, (w, b) in enumerate(runtime.cost_critic):
+        # (B, in) @ (m, in, out) broadcasts to (m, B, out); later layers are (m, B, in) @ (m, in, out).
+        h = g.op("MatMul", h, g.const(f"cost_critic_{layer}_w", w, np.float32))
+        h = g.op("Add", h, g.const(f"cost_critic_{layer}_b", b, np.float32))  # b: (m, 1, out)
+        if layer < last:
+            h = g.op("Relu", h)
+    q = g.op("Squeeze", h, g.const("cost_squeeze_axes", [2], np.int64))  # (m, B)
+    g.op("Transpose", q, out="cost_to_go", perm=[1, 0])
+
+
+def build_model(
+    runtime: PolicyRuntime, shield: dict[str, Any] | None = None, cost_head: bool = False
+) -> onnx.ModelProto:
+    """The ONNX model of a loaded artefact's deterministic policy (see the module docstring).
+
+    ``cost_head``: add the ``cost_to_go`` output; a ``ValueError`` when the artefact has no critics."""
+    if cost_head and runtime.cost_critic is None:
+        raise ValueError("this policy artefact carries no cost critic, so there is no cost head to export")
     g = _Graph()
     box = _box_shield(shield, runtime)
     x = "observations"
@@ -81,6 +107,7 @@ def build_model(runtime: PolicyRuntime, shield: dict[str, Any] | None = None) ->
         c = float(runtime.norm_clip)
         z = g.op("Clip", z, g.const("norm_clip_low", -c, np.float64), g.const("norm_clip_high", c, np.float64))
         x = g.op("Cast", z, to=TensorProto.FLOAT)
+    features = x  # what the networks see: the critics take it too
     for i, (w, b) in enumerate(runtime.trunk):
         x = g.op("Gemm", x, g.const(f"trunk_{i}_w", w, np.float32), g.const(f"trunk_{i}_b", b, np.float32))
         x = g.op("Relu", x)
@@ -88,6 +115,8 @@ def build_model(runtime: PolicyRuntime, shield: dict[str, Any] | None = None) ->
     mean = g.op("Gemm", x, g.const("mean_w", runtime.mean_w, np.float32), g.const("mean_b", runtime.mean_b, np.float32))
     if runtime.mean_bound is not None:
         mean = g.op("Mul", g.op("Tanh", mean), g.const("mean_bound", runtime.mean_bound, np.float32))
+    if cost_head:
+        _cost_head(g, runtime, features, mean)
     one = g.const("one", 1.0, np.float32)
     g.any_row(g.op("Greater", g.op("Abs", mean), one), "clipped")
     unit = g.op("Cast", g.op("Clip", mean, g.const("minus_one", -1.0, np.float32), one), to=TensorProto.DOUBLE)
@@ -111,6 +140,9 @@ def build_model(runtime: PolicyRuntime, shield: dict[str, Any] | None = None) ->
     ]
     if box is not None:
         outputs.append(helper.make_tensor_value_info("shield_applied", TensorProto.BOOL, [batch]))
+    if cost_head:
+        m = runtime.critic_members
+        outputs.append(helper.make_tensor_value_info("cost_to_go", TensorProto.FLOAT, [batch, m]))
     graph = helper.make_graph(
         g.nodes,
         "cvpo_policy",
@@ -135,12 +167,13 @@ def build_model(runtime: PolicyRuntime, shield: dict[str, Any] | None = None) ->
             "action_high": str(runtime.high.tolist()),
             "normalizer": "baked in" if runtime.norm_mean is not None else "none",
             "shield": "box" if box is not None else "none",
+            **({"cost_to_go": "Q_c(s, mean action) per constraint, discounted"} if cost_head else {}),
         },
     )
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def export_onnx(artefact_dir: Path, shield: dict[str, Any] | None = None) -> bytes:
+def export_onnx(artefact_dir: Path, shield: dict[str, Any] | None = None, cost_head: bool = False) -> bytes:
     """Serialized ONNX bytes for an artefact directory (its sha256 is checked on load)."""
-    return build_model(load_policy(Path(artefact_dir)), shield).SerializeToString()
+    return build_model(load_policy(Path(artefact_dir)), shield, cost_head).SerializeToString()

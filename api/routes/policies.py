@@ -450,11 +450,11 @@ router.add_api_route(
 
 
 @lru_cache(maxsize=16)
-def _onnx_bytes(path: str, sha256: str, shield_json: str) -> bytes:
-    """Policies are immutable, so (path, sha256, shield) names one export for the process's life."""
+def _onnx_bytes(path: str, sha256: str, shield_json: str, cost_head: bool = False) -> bytes:
+    """Policies are immutable, so (path, sha256, shield, cost head) names one export for the process's life."""
     from cvpo.onnx_export import export_onnx  # onnx loads on first export only
 
-    return export_onnx(path, json.loads(shield_json) if shield_json else None)
+    return export_onnx(path, json.loads(shield_json) if shield_json else None, cost_head)
 
 
 def _bundle(policy: PolicyRecord) -> bytes:
@@ -494,8 +494,16 @@ def export_policy(
     policy_id: str,
     principal: Reader,
     format: Annotated[str, Query(pattern="^(onnx|bundle)$", description="onnx or bundle")] = "onnx",
+    cost_head: Annotated[
+        bool,
+        Query(description="onnx: add the cost critics' cost_to_go [batch, m] output (policies with has_cost_critic)"),
+    ] = False,
 ) -> Response:
     policy = _get_visible(request, policy_id, principal)
+    if cost_head and format == "onnx" and not (policy.meta or {}).get("cost_critic"):
+        raise validation_problem(
+            [{"loc": ["query", "cost_head"], "msg": "this policy has no cost critic to export", "input": True}]
+        )
     try:
         if format == "bundle":
             return Response(
@@ -504,7 +512,7 @@ def export_policy(
                 headers={"Content-Disposition": f'attachment; filename="{policy.id}.zip"'},
             )
         shield_json = json.dumps(policy.shield, sort_keys=True) if policy.shield else ""
-        data = _onnx_bytes(policy.path, policy.sha256, shield_json)
+        data = _onnx_bytes(policy.path, policy.sha256, shield_json, cost_head)
     except ValueError as exc:  # a hook shield: exporting would silently drop it
         raise validation_problem([{"loc": ["query", "format"], "msg": str(exc), "input": format}]) from exc
     except (ArtefactError, PolicyNotReadyError, OSError) as exc:
