@@ -393,14 +393,17 @@ class CostBudgetFallback:
     """
 
     def validate_config(self, config: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
-        extra = sorted(set(config) - {"budget", "safe_action"})
+        # budget_source is only in the normalised form this returns (checked again at every load).
+        extra = sorted(set(config) - {"budget", "safe_action", "budget_source"})
         if extra:
             raise ValueError(f"unknown field(s) {extra}; allowed: budget, safe_action")
+        if config.get("budget_source", "config") not in ("config", "thresholds"):
+            raise ValueError("budget_source must be 'config' or 'thresholds'")
         critic = meta.get("cost_critic")
         if not critic:
             raise ValueError("the policy has no cost critic")
         m = int(critic["members"])
-        budget = config.get("budget", "thresholds")
+        budget = "thresholds" if config.get("budget_source") == "thresholds" else config.get("budget", "thresholds")
         if budget == "thresholds":
             values = critic.get("per_step_thresholds")
             if not values or len(values) != m:

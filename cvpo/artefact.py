@@ -222,7 +222,7 @@ class PolicyRuntime:
             h += b
             if layer < last:
                 np.maximum(h, 0.0, out=h)
-        return h[..., 0].T
+        return np.ascontiguousarray(h[..., 0].T)  # (m, B) → (B, m)
 
     def _features(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Trunk features and the mean head's output: all a deterministic action needs."""
