@@ -178,8 +178,23 @@ def fuzz_bodies(client: Any, ids: dict[str, Any], examples: int, seed: int, tall
         st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20), st.lists(st.floats(), max_size=3),
         st.dictionaries(st.text(max_size=20), st.integers(), max_size=3),
     )  # fmt: skip
-    fields = ["seed", "cost_limit", "preset", "device", "hyperparams", "eval", "checkpoint_every_epochs", "labels",
-              "time_limit_s", "max_attempts", "algorithm", "observations", "job_id", "checkpoint_id", "shield"]
+    fields = [
+        "seed",
+        "cost_limit",
+        "preset",
+        "device",
+        "hyperparams",
+        "eval",
+        "checkpoint_every_epochs",
+        "labels",
+        "time_limit_s",
+        "max_attempts",
+        "algorithm",
+        "observations",
+        "job_id",
+        "checkpoint_id",
+        "shield",
+    ]
     spec_like = st.fixed_dictionaries(  # job specs (and promotions, /act bodies) one or two fields from valid
         {"env_id": st.sampled_from(sorted(TASKS)), "total_env_steps": st.integers(1, 20_000_000)},
         optional={f: values for f in fields},

@@ -140,12 +140,20 @@ def main() -> None:
             load_before = [round(x, 2) for x in os.getloadavg()]
             out = subprocess.run(
                 [sys.executable, "-W", "ignore", "-c", CHILD, str(src), json.dumps(cfg)],
-                capture_output=True, text=True, cwd=tmp, timeout=7200,
+                capture_output=True,
+                text=True,
+                cwd=tmp,
+                timeout=7200,
             )
             if out.returncode != 0:
                 raise RuntimeError(f"{arm} seed {seed} failed:\n{out.stderr[-3000:]}")
-            row = {"arm": arm, "seed": seed, **json.loads(out.stdout.strip().splitlines()[-1]),
-                   "loadavg_before": load_before, "finished": time.strftime("%H:%M:%S")}
+            row = {
+                "arm": arm,
+                "seed": seed,
+                **json.loads(out.stdout.strip().splitlines()[-1]),
+                "loadavg_before": load_before,
+                "finished": time.strftime("%H:%M:%S"),
+            }
             print(json.dumps(row), flush=True)
             return row
 

@@ -110,8 +110,15 @@ def run_batch(batch: int, args: argparse.Namespace, tmp: Path, server_cpu: int |
                 out["overload"].append(row)
                 if mult == max(args.mults):
                     out["_latencies"][str(cap)] = sorted(s.latency * 1e3 for s in samples if s.status == 200)
-                keys = ("share_503", "ok_p99_ms", "max_ms", "client_sent_req_per_s", "client_cpu_share",
-                        "server_cpu_share", "n_503_without_retry_after")
+                keys = (
+                    "share_503",
+                    "ok_p99_ms",
+                    "max_ms",
+                    "client_sent_req_per_s",
+                    "client_cpu_share",
+                    "server_cpu_share",
+                    "n_503_without_retry_after",
+                )
                 print(json.dumps({"batch": batch, "cap": cap, "mult": mult, **{k: row[k] for k in keys}}), flush=True)
                 time.sleep(1.0)
         finally:

@@ -123,8 +123,15 @@ def run_ours(task: str, seed: int, warmup: int, window: int, threads: int) -> di
         "updates": updates,
         "wall_s": wall,
         "env_steps_per_s": (s1 - s0) / wall,
-        "ms_per_update": 1e3 * (split.get("critic", 0.0) + estep + split.get("mstep", 0.0)
-                                + split.get("targets", 0.0) + split.get("minibatch", 0.0)) / max(updates, 1),
+        "ms_per_update": 1e3
+        * (
+            split.get("critic", 0.0)
+            + estep
+            + split.get("mstep", 0.0)
+            + split.get("targets", 0.0)
+            + split.get("minibatch", 0.0)
+        )
+        / max(updates, 1),
         "split_s": named,
         "split_share": {k: v / wall for k, v in named.items()},
         "total_wall_s": total,
@@ -146,8 +153,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--window", type=int, default=20_000, help="timed env steps after the warm-up (20000)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of all rows per task and seed; odd rounds run the rows in reverse order")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of all rows per task and seed; odd rounds run the rows in reverse order",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", nargs="+", default=[*FSRL_ROWS, *OURS_ROWS], choices=[*FSRL_ROWS, *OURS_ROWS])
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/vs_fsrl.json")
@@ -211,21 +222,48 @@ def main() -> None:
                 for impl in args.rows if rep % 2 == 0 else args.rows[::-1]:  # alternate to spread drift
                     if impl in OURS_ROWS:
                         threads = 1 if impl == "ours-1t" else args.threads
-                        cmd = [sys.executable, __file__, "--_ours", task, str(seed), "--window", str(args.window),
-                               "--threads", str(threads)]
+                        cmd = [
+                            sys.executable,
+                            __file__,
+                            "--_ours",
+                            task,
+                            str(seed),
+                            "--window",
+                            str(args.window),
+                            "--threads",
+                            str(threads),
+                        ]
                     else:
-                        cmd = [str(fsrl_python), str(ROOT / "bench/fsrl_launch.py"), "--task", task, "--seed",
-                               str(seed), "--window", str(args.window), "--threads", str(args.threads),
-                               "--skybox", impl.removeprefix("fsrl-")]
+                        cmd = [
+                            str(fsrl_python),
+                            str(ROOT / "bench/fsrl_launch.py"),
+                            "--task",
+                            task,
+                            "--seed",
+                            str(seed),
+                            "--window",
+                            str(args.window),
+                            "--threads",
+                            str(args.threads),
+                            "--skybox",
+                            impl.removeprefix("fsrl-"),
+                        ]
                     row = child(cmd, timeout=1800)
                     row["repeat"] = rep
                     row["impl"] = impl
                     rows.append(row)
                     by_impl[impl] = row["env_steps_per_s"]
-                    print(f"{task} seed {seed} rep {rep} {impl}: {row['env_steps_per_s']:.1f} env-steps/s, "
-                          f"{row['ms_per_update']:.2f} ms/update, load {row['load_after']['loadavg']}", flush=True)
-                entry: dict[str, Any] = {"task": task, "seed": seed, "repeat": rep,
-                                         **{f"{k}_env_steps_per_s": v for k, v in by_impl.items()}}
+                    print(
+                        f"{task} seed {seed} rep {rep} {impl}: {row['env_steps_per_s']:.1f} env-steps/s, "
+                        f"{row['ms_per_update']:.2f} ms/update, load {row['load_after']['loadavg']}",
+                        flush=True,
+                    )
+                entry: dict[str, Any] = {
+                    "task": task,
+                    "seed": seed,
+                    "repeat": rep,
+                    **{f"{k}_env_steps_per_s": v for k, v in by_impl.items()},
+                }
                 for mine in OURS_ROWS:
                     for impl in FSRL_ROWS:
                         if mine in by_impl and impl in by_impl:

@@ -301,16 +301,14 @@ class ReplayBuffer:
             arr = np.asarray(state[name])
             if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(
-                    f"ReplayBuffer state: {name!r} must be a single integer, got shape {arr.shape} "
-                    f"dtype {arr.dtype}"
+                    f"ReplayBuffer state: {name!r} must be a single integer, got shape {arr.shape} dtype {arr.dtype}"
                 )
             scalars[name] = int(arr.reshape(()))
         if scalars["version"] != STATE_VERSION:
             raise ValueError(f"ReplayBuffer state: version {scalars['version']}, expected {STATE_VERSION}")
         if scalars["capacity"] != self.capacity:
             raise ValueError(
-                f"ReplayBuffer state: capacity {scalars['capacity']} does not match this buffer's "
-                f"{self.capacity}"
+                f"ReplayBuffer state: capacity {scalars['capacity']} does not match this buffer's {self.capacity}"
             )
         size, ptr = scalars["size"], scalars["ptr"]
         if not 0 <= size <= self.capacity:

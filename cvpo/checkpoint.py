@@ -51,9 +51,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    path: Path, state: dict[str, Any], arrays: dict[str, np.ndarray], meta: dict[str, Any]
-) -> Path:
+def save_checkpoint(path: Path, state: dict[str, Any], arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     """Write a checkpoint directory atomically; an existing one at ``path`` is replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -122,9 +122,7 @@ def _advantages(qr: np.ndarray, qc2: np.ndarray, lam: np.ndarray) -> np.ndarray:
     return A
 
 
-def _evaluate(
-    eta: float, lam: np.ndarray, qr: np.ndarray, qc2: np.ndarray, cbar: np.ndarray, eps: float
-) -> _Eval:
+def _evaluate(eta: float, lam: np.ndarray, qr: np.ndarray, qc2: np.ndarray, cbar: np.ndarray, eps: float) -> _Eval:
     """g and its §2.2 gradient at (η, λ), max-shifted (§2.1 original-code form, §8.1 P1).
 
     ``qc2`` is Q_c reshaped to (m, B·K). Constraints with c̄_i = inf contribute no λ_i c̄_i term to the
@@ -358,11 +356,7 @@ def solve_dual(
     if int(newton_steps) < 0:
         raise ValueError(f"newton_steps must be >= 0, got {newton_steps!r}")
     eta0 = float(init_temperature)
-    lam0 = (
-        np.full(m, lo)
-        if init_multipliers is None
-        else _as_multipliers(init_multipliers, m, "init_multipliers")
-    )
+    lam0 = np.full(m, lo) if init_multipliers is None else _as_multipliers(init_multipliers, m, "init_multipliers")
     if math.isnan(eta0) or np.isnan(lam0).any():
         raise ValueError(f"initial values must not be NaN, got η={eta0!r}, λ={lam0}")
     eta_hi = max(hi, _TEMPERATURE_UPPER)  # η's own bound (see the docstring)

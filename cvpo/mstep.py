@@ -38,9 +38,7 @@ def _log_diag_sum(tril: Tensor) -> Tensor:
     return tril.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1)
 
 
-def gaussian_kl_terms(
-    mean_old: Tensor, tril_old: Tensor, mean_new: Tensor, tril_new: Tensor
-) -> tuple[Tensor, Tensor]:
+def gaussian_kl_terms(mean_old: Tensor, tril_old: Tensor, mean_new: Tensor, tril_new: Tensor) -> tuple[Tensor, Tensor]:
     """Decoupled KL(π_old‖π_θ) terms, batch means over the leading shape (§3.2, full recommended form).
 
     C_μ = mean_s ½‖L_o⁻¹(μ_θ − μ_o)‖²  (= KL(N(μ_o, Σ_o)‖N(μ_θ, Σ_o)))
@@ -104,8 +102,7 @@ def weighted_mle_terms(
     """
     if actions.ndim != 3 or weights.shape != actions.shape[:2]:
         raise ValueError(
-            "expected actions (B, K, d) and weights (B, K), "
-            f"got {tuple(actions.shape)}, {tuple(weights.shape)}"
+            f"expected actions (B, K, d) and weights (B, K), got {tuple(actions.shape)}, {tuple(weights.shape)}"
         )
     B, _, d = actions.shape
     for name, mean, tril in (("old", mean_old, tril_old), ("new", mean_new, tril_new)):
@@ -159,8 +156,7 @@ def weighted_mle_diag(
     """
     if actions.ndim != 3 or weights.shape != actions.shape[:2]:
         raise ValueError(
-            "expected actions (B, K, d) and weights (B, K), "
-            f"got {tuple(actions.shape)}, {tuple(weights.shape)}"
+            f"expected actions (B, K, d) and weights (B, K), got {tuple(actions.shape)}, {tuple(weights.shape)}"
         )
     shape = (actions.shape[0], actions.shape[2])
     if not (mean_old.shape == std_old.shape == mean_new.shape == std_new.shape == shape):

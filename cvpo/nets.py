@@ -33,9 +33,7 @@ def _init_linear(layer: nn.Linear, gain: float) -> nn.Linear:
     return layer
 
 
-def _hidden_layers(
-    in_dim: int, hidden: Sequence[int], activation: Callable[[], nn.Module]
-) -> list[nn.Module]:
+def _hidden_layers(in_dim: int, hidden: Sequence[int], activation: Callable[[], nn.Module]) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for width in hidden:
         layers += [_init_linear(nn.Linear(in_dim, int(width)), _HIDDEN_GAIN), activation()]
@@ -160,9 +158,7 @@ class EnsembleCritic(nn.Module):
     h ← relu(h @ W + b), with a linear output layer of width 1.
     """
 
-    def __init__(
-        self, obs_dim: int, act_dim: int, n_members: int, hidden: Sequence[int] = (256, 256)
-    ) -> None:
+    def __init__(self, obs_dim: int, act_dim: int, n_members: int, hidden: Sequence[int] = (256, 256)) -> None:
         super().__init__()
         if n_members < 0:
             raise ValueError(f"n_members must be >= 0, got {n_members}")

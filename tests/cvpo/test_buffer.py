@@ -239,9 +239,7 @@ def test_multi_constraint_costs_are_handled_per_column():
     for j in range(2):
         single = ReplayBuffer(capacity=30, obs_dim=3, act_dim=2, n_costs=1)
         single.add_batch(**{**data, "cost": data["cost"][:, j]})
-        np.testing.assert_array_equal(
-            out.cost_return[:, j], single.nstep(idx, n=3, gamma=0.7).cost_return[:, 0]
-        )
+        np.testing.assert_array_equal(out.cost_return[:, j], single.nstep(idx, n=3, gamma=0.7).cost_return[:, 0])
     assert not np.array_equal(out.cost_return[:, 0], out.cost_return[:, 1])
 
 

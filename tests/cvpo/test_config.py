@@ -64,8 +64,13 @@ def test_infinite_limit_and_multiple_constraints() -> None:
 
 
 def test_effective_config_round_trips_with_the_same_hash() -> None:
-    c = resolve_config({"env_id": "SafetyHopperVelocity-v1", "constraints": {"cost_limits": ["inf"]},
-                        "network": {"actor_hidden": [64, 64]}})
+    c = resolve_config(
+        {
+            "env_id": "SafetyHopperVelocity-v1",
+            "constraints": {"cost_limits": ["inf"]},
+            "network": {"actor_hidden": [64, 64]},
+        }
+    )
     again = config_from_dict(c.to_dict())
     assert again == c
     assert again.config_hash() == c.config_hash()

@@ -46,9 +46,7 @@ def weights_at_kl(a: np.ndarray, eps: float) -> np.ndarray:
     return softmax(a / math.exp(hi), axis=1)
 
 
-def reference_dual(
-    eta: float, lam: np.ndarray, qr: np.ndarray, qc: np.ndarray, cbar: np.ndarray, eps: float
-) -> float:
+def reference_dual(eta: float, lam: np.ndarray, qr: np.ndarray, qc: np.ndarray, cbar: np.ndarray, eps: float) -> float:
     """g(η, λ) of §2.1 written directly with scipy's logsumexp (the FSRL form)."""
     a = qr - np.tensordot(lam, qc, axes=1)
     return float(eta * eps + lam @ cbar + eta * np.mean(logsumexp(a / eta, axis=1) - math.log(qr.shape[1])))
@@ -65,10 +63,7 @@ def make_problem(seed: int, m: int = 1, eps: float = 0.1) -> tuple[np.ndarray, n
     noise = rng.normal(0.0, 1.0, (B, K))
     qr = base + noise
     qc = np.stack(
-        [
-            np.exp(0.6 * noise / (1 + i) + rng.normal(0.0, 0.4, (B, K)) + rng.normal(0.0, 0.2, (B, 1)))
-            for i in range(m)
-        ]
+        [np.exp(0.6 * noise / (1 + i) + rng.normal(0.0, 0.4, (B, K)) + rng.normal(0.0, 0.2, (B, 1))) for i in range(m)]
     )
     w = weights_at_kl(qr, eps)
     uniform_cost = qc.mean(axis=(1, 2))
@@ -76,9 +71,7 @@ def make_problem(seed: int, m: int = 1, eps: float = 0.1) -> tuple[np.ndarray, n
     return qr, qc, uniform_cost + 0.5 * (greedy_cost - uniform_cost), eps
 
 
-def solve_cold(
-    qr: np.ndarray, qc: np.ndarray, cbar: np.ndarray, eps: float, **kwargs: object
-) -> DualSolution:
+def solve_cold(qr: np.ndarray, qc: np.ndarray, cbar: np.ndarray, eps: float, **kwargs: object) -> DualSolution:
     sol = solve_dual(qr, qc, cbar, eps, **kwargs)
     assert not sol.fallback
     return sol
@@ -143,9 +136,7 @@ def test_dual_is_jointly_convex_on_random_pairs() -> None:
         return dual_linear(p[0], p[1:], qr, qc, cbar, eps)[0]
 
     def draw() -> np.ndarray:
-        return np.concatenate(
-            ([math.exp(rng.uniform(math.log(1e-2), math.log(1e2)))], rng.uniform(0.0, 5.0, 2))
-        )
+        return np.concatenate(([math.exp(rng.uniform(math.log(1e-2), math.log(1e2)))], rng.uniform(0.0, 5.0, 2)))
 
     gaps = []
     for _ in range(1000):
@@ -191,9 +182,7 @@ def test_finite_difference_hessian_is_psd() -> None:
         hess = 0.5 * (hess + hess.T)
         eig = np.linalg.eigvalsh(hess)
         assert eig.min() >= -1e-5 * eig.max()
-        np.testing.assert_allclose(
-            hess, analytic_hessian(p[0], p[1:], qr, qc), rtol=1e-4, atol=1e-5 * eig.max()
-        )
+        np.testing.assert_allclose(hess, analytic_hessian(p[0], p[1:], qr, qc), rtol=1e-4, atol=1e-5 * eig.max())
 
 
 @pytest.mark.parametrize("m", [1, 2])
@@ -209,10 +198,7 @@ def test_linear_gradient_matches_central_differences(m: int) -> None:
             up, down = p.copy(), p.copy()
             up[i] += h
             down[i] = max(down[i] - h, 0.0)
-            fd = (
-                dual_linear(up[0], up[1:], qr, qc, cbar, eps)[0]
-                - dual_linear(down[0], down[1:], qr, qc, cbar, eps)[0]
-            )
+            fd = dual_linear(up[0], up[1:], qr, qc, cbar, eps)[0] - dual_linear(down[0], down[1:], qr, qc, cbar, eps)[0]
             fd /= up[i] - down[i]
             assert grad[i] == pytest.approx(fd, rel=1e-5, abs=1e-7)
 
@@ -384,9 +370,7 @@ def test_a_second_constraint_is_not_stranded_at_the_floor() -> None:
     qr = rng.normal(0.0, 2.0, (B, 1)) + rng.normal(0.0, 1.0, (B, K))
     centred = (qr - qr.mean(axis=1, keepdims=True))[None]
     qc = np.abs(
-        rng.normal(2.0, 1.0, (2, B, 1))
-        + rng.normal(0.0, 1.0, (2, B, K))
-        + rng.uniform(0.0, 1.0, (2, 1, 1)) * centred
+        rng.normal(2.0, 1.0, (2, B, 1)) + rng.normal(0.0, 1.0, (2, B, K)) + rng.uniform(0.0, 1.0, (2, 1, 1)) * centred
     )
     cbar = qc.mean(axis=(1, 2)) * rng.uniform(0.3, 0.95, 2)
     eps = float(10 ** rng.uniform(-2.0, 0.0))
@@ -563,9 +547,7 @@ def test_infinite_threshold_pins_the_multiplier() -> None:
 def test_warm_start_converges_fast_and_init_is_clipped() -> None:
     qr, qc, cbar, eps = make_problem(66, m=2)
     cold = solve_cold(qr, qc, cbar, eps)
-    warm = solve_cold(
-        qr, qc, cbar, eps, init_temperature=cold.temperature, init_multipliers=cold.cost_multipliers
-    )
+    warm = solve_cold(qr, qc, cbar, eps, init_temperature=cold.temperature, init_multipliers=cold.cost_multipliers)
     assert warm.iterations <= 2 < cold.iterations
     assert warm.temperature == pytest.approx(cold.temperature, rel=1e-7)
     wild = solve_cold(qr, qc, cbar, eps, init_temperature=1e12, init_multipliers=[0.0, 1e12])
@@ -578,9 +560,7 @@ def test_recovers_from_a_saturated_warm_start(reset: bool) -> None:
     # P3: the previous batch saturated (η ≈ 5.8e4, λ = 1e5); this one is feasible.
     qr, qc, cbar, eps = make_problem(67)
     cold = solve_cold(qr, qc, cbar, eps)
-    sol = solve_cold(
-        qr, qc, cbar, eps, init_temperature=5.8e4, init_multipliers=[HI], reset_on_saturation=reset
-    )
+    sol = solve_cold(qr, qc, cbar, eps, init_temperature=5.8e4, init_multipliers=[HI], reset_on_saturation=reset)
     assert sol.temperature == pytest.approx(cold.temperature, rel=1e-6)
     np.testing.assert_allclose(sol.cost_multipliers, cold.cost_multipliers, rtol=1e-6)
     assert not sol.saturated.any()
@@ -685,8 +665,13 @@ def test_newton_warm_start_reaches_the_cold_solution(case: str, factor: float) -
     qr, qc, cbar, eps = data["q_reward"], data["q_cost"], data["per_step_threshold"], float(data["kl_bound"])
     cold = solve_cold(qr, qc, cbar, eps)
     warm = solve_cold(
-        qr, qc, cbar, eps, init_temperature=cold.temperature * factor,
-        init_multipliers=cold.cost_multipliers * factor, newton_steps=4,
+        qr,
+        qc,
+        cbar,
+        eps,
+        init_temperature=cold.temperature * factor,
+        init_multipliers=cold.cost_multipliers * factor,
+        newton_steps=4,
     )
     assert warm.temperature == pytest.approx(cold.temperature, rel=1e-6)
     np.testing.assert_allclose(warm.cost_multipliers, cold.cost_multipliers, rtol=1e-6)
@@ -704,8 +689,11 @@ def test_newton_recovers_from_far_warm_starts(case: str, start: str) -> None:
     qr, qc, cbar, eps = data["q_reward"], data["q_cost"], data["per_step_threshold"], float(data["kl_bound"])
     m = qc.shape[0]
     cold = solve_cold(qr, qc, cbar, eps)
-    init = {"saturated": (HI, np.full(m, HI)), "floor": (cold.temperature, np.full(m, LO)),
-            "interior": (cold.temperature * 0.3 if case == "infeasible_1c" else 0.3, np.full(m, 0.05))}[start]
+    init = {
+        "saturated": (HI, np.full(m, HI)),
+        "floor": (cold.temperature, np.full(m, LO)),
+        "interior": (cold.temperature * 0.3 if case == "infeasible_1c" else 0.3, np.full(m, 0.05)),
+    }[start]
     warm = solve_cold(qr, qc, cbar, eps, init_temperature=init[0], init_multipliers=init[1], newton_steps=4)
     assert warm.success == cold.success and warm.saturated.tolist() == cold.saturated.tolist()
     assert "Newton" in warm.message, warm.message
@@ -745,8 +733,13 @@ def test_newton_steps_on_random_problems_and_validation() -> None:
         qr, qc, cbar, eps = make_problem(80 + seed, m=1 + seed % 2)
         cold = solve_cold(qr, qc, cbar, eps)
         warm = solve_cold(
-            qr, qc, cbar, eps, init_temperature=cold.temperature * 1.2,
-            init_multipliers=cold.cost_multipliers * 0.8, newton_steps=4,
+            qr,
+            qc,
+            cbar,
+            eps,
+            init_temperature=cold.temperature * 1.2,
+            init_multipliers=cold.cost_multipliers * 0.8,
+            newton_steps=4,
         )
         assert warm.success and warm.iterations <= 4
         np.testing.assert_allclose(warm.cost_multipliers, cold.cost_multipliers, rtol=1e-6)

@@ -18,15 +18,26 @@ def run_bandit(
     threshold: float, updates: int = 400, seed: int = 0, reward_critics: int = 2
 ) -> tuple[Learner, list[dict]]:
     torch.manual_seed(seed)
-    config = resolve_config({
-        "env_id": "SafetyPointCircle1-v0",
-        "constraints": {"cost_limits": [threshold]},
-        "network": {"actor_hidden": [32], "critic_hidden": [32], "reward_critics": reward_critics},
-        "algo": {"num_samples": 32, "batch_size": 128, "mean_kl_bound": 0.01, "cov_kl_bound": 0.001,
-                 "actor_lr": 3e-3, "critic_lr": 3e-3, "tau": 0.05},
-    }, preset="none")
-    learner = Learner(config, obs_dim=1, act_dim=1, per_step_thresholds=np.array([threshold]),
-                      device=torch.device("cpu"))
+    config = resolve_config(
+        {
+            "env_id": "SafetyPointCircle1-v0",
+            "constraints": {"cost_limits": [threshold]},
+            "network": {"actor_hidden": [32], "critic_hidden": [32], "reward_critics": reward_critics},
+            "algo": {
+                "num_samples": 32,
+                "batch_size": 128,
+                "mean_kl_bound": 0.01,
+                "cov_kl_bound": 0.001,
+                "actor_lr": 3e-3,
+                "critic_lr": 3e-3,
+                "tau": 0.05,
+            },
+        },
+        preset="none",
+    )
+    learner = Learner(
+        config, obs_dim=1, act_dim=1, per_step_thresholds=np.array([threshold]), device=torch.device("cpu")
+    )
     history = []
     obs = torch.zeros(config.algo.batch_size, 1)
     for _ in range(updates):
@@ -34,8 +45,15 @@ def run_bandit(
             mean, tril = learner.actor(obs)
             action = mean + tril[..., 0] * torch.randn_like(mean)
         a = action.clamp(-1, 1)[:, 0]
-        batch = MinibatchTensors(obs=obs, action=action, reward_return=a, cost_return=((a + 1) / 2)[:, None],
-                                 bootstrap_obs=obs, discount=torch.full_like(a, 0.99), terminated=torch.ones_like(a))
+        batch = MinibatchTensors(
+            obs=obs,
+            action=action,
+            reward_return=a,
+            cost_return=((a + 1) / 2)[:, None],
+            bootstrap_obs=obs,
+            discount=torch.full_like(a, 0.99),
+            terminated=torch.ones_like(a),
+        )
         history.append(learner.update(batch))
     return learner, history
 
@@ -71,19 +89,28 @@ def test_a_single_reward_critic_learns_the_same_constrained_answer() -> None:
 
 
 def _targets(continuation: str, covariance: str) -> tuple[Learner, MinibatchTensors, torch.Tensor, torch.Tensor]:
-    config = resolve_config({
-        "env_id": "SafetyPointCircle1-v0",
-        "constraints": {"cost_limits": [25.0, 10.0], "cost_continuation": continuation},
-        "network": {"actor_hidden": [16], "critic_hidden": [16], "covariance": covariance},
-    }, preset="none")
+    config = resolve_config(
+        {
+            "env_id": "SafetyPointCircle1-v0",
+            "constraints": {"cost_limits": [25.0, 10.0], "cost_continuation": continuation},
+            "network": {"actor_hidden": [16], "critic_hidden": [16], "covariance": covariance},
+        },
+        preset="none",
+    )
     torch.manual_seed(5)
-    learner = Learner(config, obs_dim=3, act_dim=2, per_step_thresholds=np.array([1.0, 0.5]),
-                      device=torch.device("cpu"))
+    learner = Learner(
+        config, obs_dim=3, act_dim=2, per_step_thresholds=np.array([1.0, 0.5]), device=torch.device("cpu")
+    )
     g = torch.Generator().manual_seed(9)
-    b = MinibatchTensors(obs=torch.randn(64, 3, generator=g), action=torch.randn(64, 2, generator=g),
-                         reward_return=torch.randn(64, generator=g), cost_return=torch.rand(64, 2, generator=g),
-                         bootstrap_obs=torch.randn(64, 3, generator=g), discount=torch.full((64,), 0.97),
-                         terminated=(torch.rand(64, generator=g) < 0.2).float())
+    b = MinibatchTensors(
+        obs=torch.randn(64, 3, generator=g),
+        action=torch.randn(64, 2, generator=g),
+        reward_return=torch.randn(64, generator=g),
+        cost_return=torch.rand(64, 2, generator=g),
+        bootstrap_obs=torch.randn(64, 3, generator=g),
+        discount=torch.full((64,), 0.97),
+        terminated=(torch.rand(64, generator=g) < 0.2).float(),
+    )
     torch.manual_seed(11)
     y_r, y_c = learner.td_targets(b)
     return learner, b, y_r, y_c

@@ -102,9 +102,7 @@ def run_mstep(
         if project is not None:
             step_mu, step_sigma, alpha_max = project
             alpha_mu = project_multiplier(alpha_mu, float(c_mu.detach()), EPS_MU, step_mu, alpha_max)
-            alpha_sigma = project_multiplier(
-                alpha_sigma, float(c_sigma.detach()), EPS_SIGMA, step_sigma, alpha_max
-            )
+            alpha_sigma = project_multiplier(alpha_sigma, float(c_sigma.detach()), EPS_SIGMA, step_sigma, alpha_max)
         loss = mstep_loss(mle, c_mu, c_sigma, alpha_mu, alpha_sigma, EPS_MU, EPS_SIGMA)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,9 +134,7 @@ def test_kl_terms_accept_leading_shape() -> None:
     g = torch.Generator().manual_seed(3)
     mean_old, tril_old, mean_new, tril_new = random_pair(g, 24, 3)
     flat = gaussian_kl_terms(mean_old, tril_old, mean_new, tril_new)
-    shaped = gaussian_kl_terms(
-        *(t.reshape(4, 6, *t.shape[1:]) for t in (mean_old, tril_old, mean_new, tril_new))
-    )
+    shaped = gaussian_kl_terms(*(t.reshape(4, 6, *t.shape[1:]) for t in (mean_old, tril_old, mean_new, tril_new)))
     torch.testing.assert_close(shaped, flat, rtol=1e-12, atol=0.0)
 
 
@@ -424,9 +420,7 @@ def _relative_change(
     return float(d_mu.abs().max()), float(d_tril.abs().max())
 
 
-def _one_mstep_adam_step(
-    actor: GaussianActor, batch: tuple[torch.Tensor, ...], lr: float
-) -> tuple[float, float]:
+def _one_mstep_adam_step(actor: GaussianActor, batch: tuple[torch.Tensor, ...], lr: float) -> tuple[float, float]:
     obs, actions, weights, mean_old, tril_old = batch
     opt = torch.optim.Adam(actor.parameters(), lr=lr)
     mean_new, tril_new = actor(obs)
@@ -475,13 +469,9 @@ def test_fixed_point_uniform_weights(covariance: str) -> None:
         assert float(gr.abs().max()) < 1e-12 * float(tg.abs().max())
 
     # ... so one M-step Adam step leaves μ and σ where they are, unlike a non-stationary batch.
-    d_mu, d_tril = _one_mstep_adam_step(
-        copy.deepcopy(actor), (obs, actions, uniform, mean_old, tril_old), 1e-3
-    )
+    d_mu, d_tril = _one_mstep_adam_step(copy.deepcopy(actor), (obs, actions, uniform, mean_old, tril_old), 1e-3)
     assert d_mu < 1e-6 and d_tril < 1e-6
-    t_mu, t_tril = _one_mstep_adam_step(
-        copy.deepcopy(actor), (obs, actions, tilted, mean_old, tril_old), 1e-3
-    )
+    t_mu, t_tril = _one_mstep_adam_step(copy.deepcopy(actor), (obs, actions, tilted, mean_old, tril_old), 1e-3)
     assert t_mu > 1e-3 and t_tril > 1e-3
 
 
@@ -521,9 +511,7 @@ def test_mstep_never_mutates_inputs(covariance: str) -> None:
     inputs = {"actions": actions, "weights": weights, "mean_old": mean_old, "tril_old": tril_old}
     std_old = tril_old.diagonal(dim1=-2, dim2=-1)  # a view into tril_old
     before = {k: (_bits(v), v._version) for k, v in inputs.items()}
-    run_mstep(
-        actor, (obs, actions, weights, mean_old, tril_old), iters=3, lr=1e-3, project=(1.0, 100.0, 10.0)
-    )
+    run_mstep(actor, (obs, actions, weights, mean_old, tril_old), iters=3, lr=1e-3, project=(1.0, 100.0, 10.0))
     mean_new, tril_new = actor(obs)
     gaussian_kl_terms_diag(mean_old, std_old, mean_new, tril_new.diagonal(dim1=-2, dim2=-1))[1].backward()
     weighted_mle_terms(actions, weights, mean_old, tril_old, *actor(obs))[1].backward()

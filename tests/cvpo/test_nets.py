@@ -64,9 +64,7 @@ def test_actor_shapes_and_cholesky_factor(covariance: str) -> None:
     if covariance == "diag":
         assert torch.count_nonzero(strictly_lower) == 0
     else:
-        assert bool(
-            (tril[..., 1, 0] != 0).all() and (tril[..., 2, 0] != 0).all() and (tril[..., 2, 1] != 0).all()
-        )
+        assert bool((tril[..., 1, 0] != 0).all() and (tril[..., 2, 0] != 0).all() and (tril[..., 2, 1] != 0).all())
     # The same numbers for a flat batch (no cross-talk between leading dimensions).
     flat_mean, flat_tril = actor(obs.reshape(24, 5))
     torch.testing.assert_close(flat_mean, mean.reshape(24, 3))
@@ -173,11 +171,7 @@ def test_act_sample_is_raw_and_its_log_prob_is_consistent(covariance: str) -> No
     log_prob = actor.distribution(obs).log_prob(action)
     assert bool(torch.isfinite(log_prob).all())
     z = torch.linalg.solve_triangular(tril, (action - mean).unsqueeze(-1), upper=False).squeeze(-1)
-    manual = (
-        -0.5 * z.square().sum(-1)
-        - tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        - 1.5 * math.log(2 * math.pi)
-    )
+    manual = -0.5 * z.square().sum(-1) - tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 1.5 * math.log(2 * math.pi)
     torch.testing.assert_close(log_prob, manual, rtol=1e-5, atol=1e-5)
 
 
@@ -199,9 +193,7 @@ def test_act_samples_follow_the_distribution(covariance: str) -> None:
     se = (cov.diagonal() / n).sqrt()
     assert bool(((emp_mean - mean[0]).abs() < 5 * se).all())
     scale = cov.diagonal().sqrt()
-    torch.testing.assert_close(
-        emp_cov / torch.outer(scale, scale), cov / torch.outer(scale, scale), atol=0.03, rtol=0
-    )
+    torch.testing.assert_close(emp_cov / torch.outer(scale, scale), cov / torch.outer(scale, scale), atol=0.03, rtol=0)
 
 
 @pytest.mark.parametrize("mean_bound", [None, 1.0])

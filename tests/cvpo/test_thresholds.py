@@ -123,9 +123,7 @@ def test_curriculum_per_constraint_and_unconstrained() -> None:
     assert out[1] == curriculum_threshold(10, 50.0, 10.0, 200, 400, 0.99)[0]
     inf_start = curriculum_threshold(10, [math.inf, 20.0], [10.0, math.inf], 200, 400, 0.99)
     assert np.array_equal(inf_start, [math.inf, math.inf])
-    assert (
-        curriculum_threshold(300, math.inf, 10.0, 200, 400, 0.99)[0] == per_step_threshold(10.0, 400, 0.99)[0]
-    )
+    assert curriculum_threshold(300, math.inf, 10.0, 200, 400, 0.99)[0] == per_step_threshold(10.0, 400, 0.99)[0]
     with pytest.raises(ValueError, match="same number of constraints"):
         curriculum_threshold(0, [1.0, 2.0], [1.0, 2.0, 3.0], 10, 400, 0.99)
 

@@ -63,8 +63,16 @@ def test_happy_path_trains_reports_reward_and_cost_and_promotes(api: Any, servic
     assert latest["cost_limit"] == TINY_LIMIT and latest["feasible"] == (latest["eval_cost"] <= TINY_LIMIT)
     assert job["best"]["epoch"] in (0, 1, 2)
     # Trust signals: sampled-action eval cost, policy σ, margin, critic calibration, λ shares, max KL.
-    for key in ("eval_cost_stochastic", "policy_std", "margin", "critic_cost_predicted", "critic_cost_realised",
-                "lambda_at_floor_share", "lambda_at_cap_share", "estep_kl_max"):
+    for key in (
+        "eval_cost_stochastic",
+        "policy_std",
+        "margin",
+        "critic_cost_predicted",
+        "critic_cost_realised",
+        "lambda_at_floor_share",
+        "lambda_at_cap_share",
+        "estep_kl_max",
+    ):
         assert isinstance(latest[key], float), key
     assert latest["policy_std"] > 0 and 0 <= latest["lambda_at_floor_share"] + latest["lambda_at_cap_share"] <= 1
     assert latest["margin"] == 0.0 and latest["effective_cost_limits"] == [TINY_LIMIT]
