@@ -4,11 +4,13 @@ Serves a synthetic 2×256 artefact with SafetyPointGoal1 shapes (obs 60 → act 
 one uvicorn worker started as a subprocess on loopback (pinned to CPU 0 where there are ≥ 2), and
 drives it from this process (pinned to CPU 1) with a minimal HTTP/1.1 keep-alive client over raw
 sockets: blocking at concurrency 1, asyncio at higher concurrency. Cases: ``GET /livez`` and
-``POST /policies/{id}/act`` with B=1 and B=64, at c=1 and c=16, each for a fixed time after a
-warm-up. Reports p50/p99 latency, req/s, obs/s and each ``/act`` case's ratio to ``/livez`` at the
-same concurrency (the §5.6 gate: B=1 ≥ 0.6× the trivial GET's req/s, p99 < 5 ms at c=1). Part two
-times the policy forward pass in-process: the numpy runtime, ONNX Runtime (one thread) and the
-whole ``parse_act_request`` + ``act`` hot path. Writes JSON; compare ratios within one run.
+``POST /policies/{id}/act`` with B=1 and B=64, and B=1 with ``"return": ["cost_to_go"]``
+(``act_B1_ctg``: the artefact carries a 2×256 cost critic, as trained policies do), at c=1 and c=16,
+each for a fixed time after a warm-up. Reports p50/p99 latency, req/s, obs/s and each ``/act``
+case's ratio to ``/livez`` at the same concurrency (the §5.6 gate: B=1 ≥ 0.6× the trivial GET's
+req/s, p99 < 5 ms at c=1). Part two times the policy forward pass in-process: the numpy runtime,
+ONNX Runtime (one thread) and the whole ``parse_act_request`` + ``act`` hot path, each also with
+the cost critic. Writes JSON; compare ratios within one run.
 
     .venv/bin/python bench/act_latency.py [--seconds 6] [--out bench/results/act_latency.json]
 """
@@ -173,14 +175,19 @@ def _summary(latencies: list[float], errors: int, seconds: float) -> dict[str, A
 # ------------------------------------------------------------------------------------- server
 
 
-
 def setup_policy(data_dir: Path) -> tuple[str, str, Path]:
     """A synthetic artefact registered to an act-only controller token: (policy id, token, path)."""
     from tests.api.artefact_factory import write_random_artefact
     from worker.store import Store
 
     artefact = write_random_artefact(
-        data_dir / "policies" / "synthetic", obs_dim=OBS_DIM, act_dim=ACT_DIM, hidden=HIDDEN, head_scale=40.0
+        data_dir / "policies" / "synthetic",
+        obs_dim=OBS_DIM,
+        act_dim=ACT_DIM,
+        hidden=HIDDEN,
+        head_scale=40.0,
+        cost_critic=1,
+        critic_hidden=HIDDEN,
     )
     store = Store(f"sqlite:///{data_dir / 'cvpo.db'}", data_dir)
     token_id, token = store.create_token("bench-controller", ["policies:act"])
@@ -277,21 +284,31 @@ def forward_times(artefact: Path) -> list[dict[str, Any]]:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(export_onnx(artefact), opts, providers=["CPUExecutionProvider"])
+    sess_ctg = ort.InferenceSession(export_onnx(artefact, cost_head=True), opts, providers=["CPUExecutionProvider"])
     rows = []
+    keys = ("numpy_runtime", "numpy_cost_to_go", "onnxruntime", "onnxruntime_cost_head", "parse_and_act")
+    keys += ("parse_and_act_cost_to_go",)
     for b in (1, 64, 1024):
         obs = np.random.default_rng(b).normal(0, 2, (b, OBS_DIM))
         obs32 = obs.astype(np.float32)
         body = json.dumps({"observations": obs.tolist()}).encode()
+        body_ctg = json.dumps({"observations": obs.tolist(), "return": ["cost_to_go"]}).encode()
+        raw = runtime.raw_action(obs)
         repeats = 3000 if b == 1 else (1000 if b == 64 else 100)
         row = {
             "B": b,
             "numpy_runtime": _timeit(lambda o=obs: runtime.act(o), repeats),
+            "numpy_cost_to_go": _timeit(lambda o=obs, a=raw: runtime.cost_to_go(o, a), repeats),
             "onnxruntime": _timeit(lambda o=obs32: sess.run(None, {"observations": o}), repeats),
+            "onnxruntime_cost_head": _timeit(lambda o=obs32: sess_ctg.run(None, {"observations": o}), repeats),
             "parse_and_act": _timeit(
                 lambda body=body: act(runtime, parse_act_request(body, OBS_DIM, 1024), None, "pol_bench"), repeats
             ),
+            "parse_and_act_cost_to_go": _timeit(
+                lambda body=body_ctg: act(runtime, parse_act_request(body, OBS_DIM, 1024), None, "pol_bench"), repeats
+            ),
         }
-        for key in ("numpy_runtime", "onnxruntime", "parse_and_act"):
+        for key in keys:
             row[key]["per_obs_us"] = row[key]["p50_us"] / b
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -317,7 +334,8 @@ def run_cases(
             if name == "livez":
                 base[concurrency] = row["req_per_s"]
             else:
-                row["batch"] = 1 if name == "act_B1" else 64
+                row["batch"] = 1 if name.startswith("act_B1") else 64
+                row["return"] = ["cost_to_go"] if name.endswith("_ctg") else []
                 row["obs_per_s"] = row["req_per_s"] * row["batch"]
                 row["req_per_s_ratio_to_livez"] = row["req_per_s"] / base[concurrency]
             rows.append(row)
@@ -352,7 +370,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
-    full = [(case, c) for c in (1, 16) for case in ("livez", "act_B1", "act_B64")]
+    full = [(case, c) for c in (1, 16) for case in ("livez", "act_B1", "act_B1_ctg", "act_B64")]
     short = [("livez", 1), ("act_B1", 1), ("livez", 16), ("act_B1", 16)]
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
@@ -361,10 +379,12 @@ def main() -> None:
             os.sched_setaffinity(0, {client_cpu})
         obs = np.random.default_rng(0).normal(0, 2, (64, OBS_DIM))
         act_path = f"/policies/{policy_id}/act"
+        b1 = {"observations": obs[:1].tolist()}
         requests = {
             "livez": _request("GET", "/livez", None),
             "act_B1": _request("POST", act_path, token, json.dumps({"observations": obs[:1].tolist()}).encode()),
             "act_B64": _request("POST", act_path, token, json.dumps({"observations": obs.tolist()}).encode()),
+            "act_B1_ctg": _request("POST", act_path, token, json.dumps({**b1, "return": ["cost_to_go"]}).encode()),
         }
         http = []
         for variant in VARIANTS if args.variants else VARIANTS[:1]:
@@ -375,11 +395,20 @@ def main() -> None:
         forward = forward_times(artefact)
 
     b1c1 = next(r for r in http if r["case"] == "act_B1" and r["concurrency"] == 1)
+    ctg = next(r for r in http if r["case"] == "act_B1_ctg" and r["concurrency"] == 1 and r["variant"] == "as_built")
     gate = {
         "act_B1_c1_ratio_to_livez": b1c1["req_per_s_ratio_to_livez"],
         "ratio_ok (>= 0.6)": b1c1["req_per_s_ratio_to_livez"] >= 0.6,
         "act_B1_c1_p99_ms": b1c1["p99_ms"],
         "p99_ok (< 5 ms)": b1c1["p99_ms"] < 5.0,
+    }
+    cost_to_go = {  # what "return": ["cost_to_go"] adds to a B=1 request at c=1 (same server, same run)
+        "act_B1_c1_p50_ms": b1c1["p50_ms"],
+        "act_B1_ctg_c1_p50_ms": ctg["p50_ms"],
+        "act_B1_c1_p99_ms": b1c1["p99_ms"],
+        "act_B1_ctg_c1_p99_ms": ctg["p99_ms"],
+        "p50_added_ms": ctg["p50_ms"] - b1c1["p50_ms"],
+        "req_per_s_ratio_ctg_to_plain": ctg["req_per_s"] / b1c1["req_per_s"],
     }
     import onnxruntime
     import uvicorn
@@ -388,7 +417,13 @@ def main() -> None:
         args.out,
         "act_latency",
         {
-            "model": {"obs_dim": OBS_DIM, "act_dim": ACT_DIM, "hidden": list(HIDDEN), "normalizer": True},
+            "model": {
+                "obs_dim": OBS_DIM,
+                "act_dim": ACT_DIM,
+                "hidden": list(HIDDEN),
+                "normalizer": True,
+                "cost_critic": {"members": 1, "hidden": list(HIDDEN)},
+            },
             "server": f"uvicorn, 1 worker, {_http_stack()}, log level warning",
             "client": "raw-socket HTTP/1.1 keep-alive, closed loop; blocking at c=1, asyncio at c=16",
             "variants": {
@@ -399,6 +434,7 @@ def main() -> None:
             "seconds_per_case": args.seconds,
             "http": http,
             "gate_as_built": gate,
+            "cost_to_go_B1_c1": cost_to_go,
             "forward": forward,
         },
         cpus=len(cpus),

@@ -665,6 +665,11 @@
     if (pol.override) {
       certBox.prepend(el("p", { class: "error", id: "policy-override", text: `Promoted without certification by ${pol.override.actor} (${pol.override.at || ""}): ${pol.override.reason}` }));
     }
+    const cal = pol.certificate && pol.certificate.critic_calibration;
+    if (cal) {
+      certBox.append(el("p", { id: "policy-critic-calibration", text: `Cost critic at the start states (${cal.episodes} episodes, γ ${cal.gamma}): ` +
+        cal.constraints.map((c) => `${c.signal} predicted ${fmt(c.predicted_mean)} vs realised ${fmt(c.realised_mean)} (discounted)`).join("; ") }));
+    }
     if (src.job_id) {
       $("crumb-job").textContent = src.job_id;
       $("crumb-job").href = `/ui/jobs/${encodeURIComponent(src.job_id)}`;
@@ -681,6 +686,7 @@
       ["Normaliser", pol.normalizer.present ? `frozen statistics, clip ±${pol.normalizer.clip}` : "none"],
       ["Max batch", String(pol.max_batch)], ["Architecture", arch], ["sha256", pol.sha256],
       ["Config hash", pol.config_hash || "—"],
+      ["Cost critic", pol.has_cost_critic ? `${pol.cost_critic.members} member(s), γ ${pol.cost_critic.gamma}: /act can return cost_to_go` : "none"],
     ]);
     $("policy-shield").textContent = pol.shield
       ? Object.entries(pol.shield).map(([k, v]) => `${k}: ${typeof v === "string" ? v : JSON.stringify(v)}`).join("\n")

@@ -167,6 +167,12 @@ def test_dashboard_end_to_end_in_chromium(service: Service, tmp_path: Path) -> N
             assert len(cert_rows) == 1 and cert_rows[0].text.split()[:2] == ["cost", "1,000"], cert_rows[0].text
             assert f"{c['cost_upper_bound']:.2f}" in cert_rows[0].text and f"{c['cost_mean']:.2f}" in cert_rows[0].text
             assert f"{meta['certificate']['episodes']} deterministic" in b.text("#policy-cert-facts")
+            # Trained policies carry their cost critics; the certificate's calibration is one line.
+            cal = meta["certificate"]["critic_calibration"]
+            assert meta["has_cost_critic"] is True and cal["episodes"] == meta["certificate"]["episodes"]
+            line = b.text("#policy-critic-calibration")
+            assert line.startswith("Cost critic at the start states") and "cost predicted" in line, line
+            assert "realised" in line and "/act can return cost_to_go" in b.text("#policy-meta")
             b.wait(lambda: "(this one)" in b.text("#policy-versions"), 10, "the versions list")
             assert len(driver.find_elements(By.CSS_SELECTOR, "#policy-versions li")) == 2, "both versions listed"
             assert "No aliases" in b.text("#policy-aliases")
