@@ -163,6 +163,8 @@ class Trainer:
         self.epoch_stats = EpochStats()
         self.elapsed_before = 0.0  # wall time of earlier attempts, for the metrics' wall_time_s
         self._stop = False
+        # What the loop is doing, for a progress display read from another thread (the worker's heartbeat).
+        self.phase = "training"
         self._t0 = time.perf_counter()  # reset when train() starts
         self._tb: Any = None  # TensorBoard writer while train() runs
         self._metric_rows: list[dict[str, Any]] = []  # metrics.jsonl's rows, read once per train()
@@ -664,7 +666,9 @@ class Trainer:
                     continue
                 sampled = lp.eval_stochastic_episodes
                 sampled = (lp.eval_episodes + 1) // 2 if sampled is None else sampled
+                self.phase = "evaluating"
                 evaluation = self.evaluate(lp.eval_episodes, sampled)
+                self.phase = "training"
                 metrics = self.epoch_metrics(evaluation)
                 improved = self.update_best(metrics)
                 metrics["best"] = self.best

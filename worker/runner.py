@@ -64,10 +64,27 @@ class Heartbeat(threading.Thread):
         if self.reason is not None:
             trainer.request_stop()
 
+    def progress(self) -> dict[str, Any] | None:
+        """Env steps, rate (since the previous beat) and phase of the attached trainer, between epochs."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        now, step = time.monotonic(), int(trainer.env_steps)
+        last = self._last
+        self._last = (now, step)
+        rate = None
+        if last is not None and now > last[0] and step > last[1]:
+            rate = (step - last[1]) / (now - last[0])
+        return {"env_step": step, "env_steps_per_s": rate, "phase": getattr(trainer, "phase", None)}
+
     def run(self) -> None:
+        self._last: tuple[float, int] | None = None
         while not self.halt.wait(self.settings.heartbeat_s):
             try:
-                self.check(self.store.heartbeat(self.job.id, self.job.attempt, self.owner, self.settings.lease_ttl_s))
+                beat = self.store.heartbeat(
+                    self.job.id, self.job.attempt, self.owner, self.settings.lease_ttl_s, self.progress()
+                )
+                self.check(beat)
             except Exception:  # a transient store error: the next beat retries before the lease runs out
                 log.exception("heartbeat for %s failed", self.job.id)
 

@@ -89,6 +89,8 @@ jobs = sa.Table(
     # Added with certified policies (issue #18): how automatic promotion went (candidates tried,
     # their certificates, the chosen one or why none). Nullable: ``_migrate`` adds it to old stores.
     sa.Column("promotion", sa.JSON),
+    # Added with in-epoch progress (issue #23): "training" or "evaluating", carried by the heartbeat.
+    sa.Column("phase", sa.String(16)),
 )
 
 metric_points = sa.Table(
@@ -294,6 +296,7 @@ class JobRecord:
     event_seq: int
     seq: int = 0
     promotion: dict[str, Any] | None = None
+    phase: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -730,14 +733,27 @@ class Store:
                 event={"attempt": attempt, "worker": owner},
             )
 
-    def heartbeat(self, job_id: str, attempt: int, owner: str, ttl_s: float) -> JobRecord | None:
-        """Renew the lease; None means we lost it and must stop without writing (fencing)."""
+    def heartbeat(
+        self, job_id: str, attempt: int, owner: str, ttl_s: float, progress: dict[str, Any] | None = None
+    ) -> JobRecord | None:
+        """Renew the lease; None means we lost it and must stop without writing (fencing).
+
+        ``progress`` ({"env_step", "env_steps_per_s", "phase"}) moves the job's progress between epoch
+        ends (env_step never goes back) and becomes a ``progress`` event for the job's stream.
+        """
+        values: dict[str, Any] = {"lease_until": time.time() + ttl_s}
+        if progress is not None:
+            step = int(progress["env_step"])
+            values["env_step"] = sa.case((jobs.c.env_step < step, step), else_=jobs.c.env_step)
+            values["phase"] = progress.get("phase")
+            if progress.get("env_steps_per_s") is not None:
+                values["steps_per_s"] = float(progress["env_steps_per_s"])
         with self.tx() as c:
-            n = c.execute(
-                jobs.update().where(_owned_by(job_id, attempt, owner)).values(lease_until=time.time() + ttl_s)
-            ).rowcount
+            n = c.execute(jobs.update().where(_owned_by(job_id, attempt, owner)).values(**values)).rowcount
             if n != 1:
                 return None
+            if progress is not None:
+                self._event(c, job_id, "progress", dict(progress))
             return _job(c.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
 
     def _owned(self, c: Connection, job_id: str, attempt: int, owner: str) -> Any:

@@ -89,6 +89,8 @@ def job_resource(job: JobRecord, full: bool = True) -> dict[str, Any]:
             "epoch": job.epoch,
             "env_steps_per_s": rate,
             "eta_s": remaining / rate if rate and job.status in ("running", "starting") else None,
+            # "training" or "evaluating" while an attempt runs (the heartbeat carries it); None otherwise.
+            "phase": job.phase if job.status in ("running", "starting", "cancelling") else None,
         },
         "latest": job.latest,
         "cost_limits": job.config.get("constraints", {}).get("cost_limits"),

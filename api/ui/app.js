@@ -466,7 +466,7 @@
         ["Created", timeEl(j.created_at)], ["Started", timeEl(j.started_at)], ["Finished", timeEl(j.finished_at)],
         ["Env steps/s", fmt(p.env_steps_per_s, 0)],
       ]);
-      setProgress(p.env_step, p.total_env_steps);
+      setProgress(p.env_step, p.total_env_steps, p);
       $("job-failure").hidden = !j.failure;
       $("job-failure").textContent = j.failure ? `Failed (${j.failure.reason}): ${j.failure.message}` : "";
       $("cancel-job").hidden = TERMINAL.has(j.status);
@@ -495,10 +495,15 @@
         el("ul", { id: "promotion-candidates" }, ...tried));
     }
 
-    function setProgress(step, total) {
+    // info: the job's progress block or a heartbeat's progress event (rate, ETA, phase) when known.
+    function setProgress(step, total, info) {
       const frac = total ? Math.min(1, step / total) : 0;
       $("job-progress").value = frac;
-      $("job-progress-text").textContent = `${step.toLocaleString("en-US")} / ${total.toLocaleString("en-US")} env steps (${Math.round(frac * 100)}%)`;
+      let text = `${step.toLocaleString("en-US")} / ${total.toLocaleString("en-US")} env steps (${Math.round(frac * 100)}%)`;
+      const rate = info && info.env_steps_per_s;
+      if (rate) text += `, ${fmt(rate, 0)} steps/s, ETA ${Math.max(0, Math.round((total - step) / rate))} s`;
+      if (info && info.phase === "evaluating") text += " — evaluating";
+      $("job-progress-text").textContent = text;
     }
 
     async function loadJob() { renderJob(await api(`/jobs/${enc}`)); }
@@ -558,6 +563,9 @@
       if (type === "metrics") {
         addPoint(fromEvent(data));
         if (job) setProgress(data.env_step, job.progress.total_env_steps);
+      } else if (type === "progress") {
+        // Between epoch ends the worker's heartbeat reports env steps, rate and phase.
+        if (job) setProgress(data.env_step, job.progress.total_env_steps, data);
       } else if (type === "status" || type === "attempt") {
         if (data.status) $("job-status").replaceChildren(badge(data.status));
         if (TERMINAL.has(data.status)) $("stream-state").textContent = `Finished: ${data.status}.`;
