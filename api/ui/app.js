@@ -143,7 +143,14 @@
       ["Task", cert.env_id], ["Return", cert.return_ci ? `${fmt(cert.return_mean)} (CI ${fmt(cert.return_ci[0])} … ${fmt(cert.return_ci[1])})` : fmt(cert.return_mean)],
       ["Interval", cert.interval || "—"],
     ]);
-    return el("div", {}, dl, el("div", { class: "table-wrap" }, table));
+    const out = el("div", {}, dl, el("div", { class: "table-wrap" }, table));
+    // Cost critic calibration on the certification episodes (artefacts that carry the critic).
+    const cal = cert.critic_calibration;
+    if (cal) {
+      out.append(el("p", { id: `${idPrefix}-critic-calibration`, text: `Cost critic at the start states (${cal.episodes} episodes, γ ${cal.gamma}): ` +
+        cal.constraints.map((c) => `${c.signal} predicted ${fmt(c.predicted_mean)} vs realised ${fmt(c.realised_mean)} (discounted)`).join("; ") }));
+    }
+    return out;
   }
 
   function loop(fn, periodMs) {
@@ -672,11 +679,6 @@
     certBox.replaceChildren(certNode(pol.certificate, "policy-cert"));
     if (pol.override) {
       certBox.prepend(el("p", { class: "error", id: "policy-override", text: `Promoted without certification by ${pol.override.actor} (${pol.override.at || ""}): ${pol.override.reason}` }));
-    }
-    const cal = pol.certificate && pol.certificate.critic_calibration;
-    if (cal) {
-      certBox.append(el("p", { id: "policy-critic-calibration", text: `Cost critic at the start states (${cal.episodes} episodes, γ ${cal.gamma}): ` +
-        cal.constraints.map((c) => `${c.signal} predicted ${fmt(c.predicted_mean)} vs realised ${fmt(c.realised_mean)} (discounted)`).join("; ") }));
     }
     if (src.job_id) {
       $("crumb-job").textContent = src.job_id;

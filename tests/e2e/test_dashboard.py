@@ -133,6 +133,8 @@ def test_dashboard_end_to_end_in_chromium(service: Service, tmp_path: Path) -> N
                 lambda: driver.find_element(By.CSS_SELECTOR, "#job-policies a").get_attribute("href"), 15, "its policy"
             )
             b.wait(lambda: "upper bound" in b.text("#job-certificate"), 15, "the promoted policy's certificate")
+            # The job page shows the cost critic's calibration on the certification episodes too.
+            assert "Cost critic at the start states" in b.text("#job-cert-critic-calibration")
             assert "CERTIFIED" in b.text("#job-policies li") and "NOT" not in b.text("#job-policies li")
             # Promote the final checkpoint too: a second version of the job's policy.
             Select(b.wait(lambda: driver.find_element(By.ID, "promote-ckpt"), 15, "the promote form")).select_by_value(
@@ -170,7 +172,7 @@ def test_dashboard_end_to_end_in_chromium(service: Service, tmp_path: Path) -> N
             # Trained policies carry their cost critics; the certificate's calibration is one line.
             cal = meta["certificate"]["critic_calibration"]
             assert meta["has_cost_critic"] is True and cal["episodes"] == meta["certificate"]["episodes"]
-            line = b.text("#policy-critic-calibration")
+            line = b.text("#policy-cert-critic-calibration")
             assert line.startswith("Cost critic at the start states") and "cost predicted" in line, line
             assert "realised" in line and "/act can return cost_to_go" in b.text("#policy-meta")
             b.wait(lambda: "(this one)" in b.text("#policy-versions"), 10, "the versions list")
