@@ -21,21 +21,21 @@ from api.act import PolicyCache
 from api.auth import TokenCache, bootstrap_admin_token
 from api.errors import guarded, install_handlers
 from api.middleware import LimitsMiddleware
-from worker.settings import Settings
-from worker.store import Store
+from core.settings import Settings
+from core.store import Store
 
 log = logging.getLogger("cvpo.api")
 
 
 def _make_queue(settings: Settings, store: Store):
-    from worker.celery_app import make_celery
-    from worker.queue import JobQueue
+    from core.celery_app import make_celery
+    from core.queue import JobQueue
 
     return JobQueue(make_celery(settings), store, settings.queue)
 
 
 async def _reconcile_forever(app: FastAPI) -> None:
-    from worker.reconciler import reconcile
+    from core.reconciler import reconcile
 
     s: Settings = app.state.settings
     while True:

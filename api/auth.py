@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import Request
 
 from api.errors import Problem
-from worker.settings import Settings
-from worker.store import Principal, Store, hash_token
+from core.settings import Settings
+from core.store import Principal, Store, hash_token
 
 log = logging.getLogger("cvpo.api")
 

@@ -40,7 +40,7 @@ from results_io import write_result
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.api.artefact_factory: the same synthetic artefact the API tests use
 
-from worker.service import free_port  # noqa: E402 - needs ROOT on sys.path
+from service.launcher import free_port  # noqa: E402 - needs ROOT on sys.path
 
 OBS_DIM, ACT_DIM, HIDDEN = 60, 2, (256, 256)
 ADMIN_TOKEN = "bench-admin-token-not-secret"
@@ -177,8 +177,8 @@ def _summary(latencies: list[float], errors: int, seconds: float) -> dict[str, A
 
 def setup_policy(data_dir: Path) -> tuple[str, str, Path]:
     """A synthetic artefact registered to an act-only controller token: (policy id, token, path)."""
+    from core.store import Store
     from tests.api.artefact_factory import write_random_artefact
-    from worker.store import Store
 
     artefact = write_random_artefact(
         data_dir / "policies" / "synthetic",
@@ -234,7 +234,7 @@ def start_server(data_dir: Path, port: int, cpu: int | None, variant: str = "as_
             "CVPO_BENCH_VARIANT": variant,
         }
     )
-    # Same settings as `cvpo api` (worker/service.py run_api) but with warning-level logs, which
+    # Same settings as `cvpo api` (service/launcher.py run_api) but with warning-level logs, which
     # also turns off uvicorn's per-request access log line.
     cmd = [
         sys.executable, "-m", "uvicorn", "act_latency:variant_app", "--factory", "--host", "127.0.0.1",

@@ -37,7 +37,7 @@ from results_io import machine_load, write_result
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.service import free_port, redis_command, wait_for_redis  # noqa: E402
+from service.launcher import free_port, redis_command, wait_for_redis  # noqa: E402
 
 ADMIN = "fuzz-admin-token"
 
@@ -233,7 +233,7 @@ def main() -> None:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from worker.settings import Settings
+    from core.settings import Settings
 
     logging.getLogger("cvpo").setLevel(logging.CRITICAL)  # 500s are counted here; tracebacks would flood
     load_before = machine_load()

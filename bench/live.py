@@ -1,7 +1,7 @@
 """The real service for benchmarks, and an open-loop HTTP load generator (soak, overload).
 
 ``LiveService`` starts what ``cvpo serve`` starts, as separate children on random loopback ports:
-redis-server (``worker.service.redis_command``), optionally one Celery worker, and ``cvpo api``
+redis-server (``service.launcher.redis_command``), optionally one Celery worker, and ``cvpo api``
 (uvicorn, one process), with a synthetic policy registered first (the same 2×256 artefact as
 ``bench/act_latency.py``). ``open_loop`` sends requests on a fixed schedule whatever the answers
 (an open loop: a slow server cannot slow the offered load down, and latency is measured from the
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from act_latency import ROOT, _request, _response_size, setup_policy
 
-from worker.service import free_port, redis_command, wait_for_redis
+from service.launcher import free_port, redis_command, wait_for_redis
 
 ADMIN_TOKEN = "bench-admin-token-not-secret"
 EARLY_S = 0.0005  # the open loop sends a request this much before it is due rather than spin-wait

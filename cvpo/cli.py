@@ -245,6 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The engine's commands (envs, train, eval); ``service.cli`` adds serve, api, worker and tokens."""
     parser = argparse.ArgumentParser(prog="cvpo", description="CVPO safe-RL train-and-serve service.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -329,85 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="also list every episode")
     p.set_defaults(func=cmd_eval)
 
-    for name, helptext in (
-        ("serve", "run the whole service here: Redis (unless REDIS_URL), one worker and the API"),
-        ("api", "run only the REST API (uvicorn, one process)"),
-        ("worker", "run only a Celery training worker (one job at a time; CUDA when present)"),
-    ):
-        p = sub.add_parser(
-            name,
-            help=helptext,
-            description=f"{helptext[0].upper()}{helptext[1:]}. Configured by environment variables: "
-            "CVPO_API_TOKEN, CVPO_HOST, CVPO_PORT, CVPO_DATA_DIR, REDIS_URL, DATABASE_URL and the others "
-            "listed in README's Configuration table.",
-        )
-        if name != "worker":
-            p.add_argument("--host", help="bind address (default CVPO_HOST or 127.0.0.1)")
-            p.add_argument("--port", type=int, help="port (default CVPO_PORT or 8000)")
-        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-        p.set_defaults(func=cmd_service, service=name)
-
-    p = sub.add_parser(
-        "tokens",
-        help="create, list and revoke API tokens",
-        description="Manage API tokens in the job store (CVPO_DATA_DIR / DATABASE_URL). A new token is "
-        "printed once; only its SHA-256 is stored. Scopes: jobs:read jobs:write policies:read "
-        "policies:act metrics:read admin. A controller gets policies:act only.",
-    )
-    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    t = tsub.add_parser("create", help="create a token and print it once")
-    t.add_argument("--name", required=True, help="who or what uses it, e.g. 'arm-controller-3'")
-    t.add_argument("--scopes", required=True, help="comma-separated scopes, e.g. policies:read,policies:act")
-    t.add_argument(
-        "--client",
-        help="the client whose jobs and policies the token sees (default: a new client of its own); "
-        "'admin' shares the bootstrap token's",
-    )
-    tsub.add_parser("list", help="list tokens (ids, names, scopes; never the secrets)")
-    t = tsub.add_parser("revoke", help="delete a token; API processes stop accepting it within 5 s")
-    t.add_argument("token_id")
-    p.set_defaults(func=cmd_tokens)
     return parser
 
 
-def cmd_tokens(args: argparse.Namespace) -> int:
-    from worker.settings import Settings
-    from worker.store import Store
-
-    settings = Settings.from_env()
-    store = Store(settings.resolved_database_url, settings.data_dir)
-    if args.action == "create":
-        scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
-        token_id, raw = store.create_token(args.name, scopes, args.client)
-        print(f"{token_id} {raw}")
-        print("store the token now: it is not shown again", file=sys.stderr)
-    elif args.action == "list":
-        for t in store.list_tokens():
-            print(f"{t['id']}  {t['name']:<24}  {t['client']:<22}  {','.join(t['scopes']):<40}  {t['created_at']}")
-    elif not store.revoke_token(args.token_id):
-        raise CliError(f"no token {args.token_id!r} (see `cvpo tokens list`)")
-    return 0
-
-
-def cmd_service(args: argparse.Namespace) -> int:
-    # The CLI is the composition root: only these commands reach into worker/ (cvpo/ stays a library).
-    from worker import service
-    from worker.settings import Settings
-
-    changes = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v}
-    settings = Settings.from_env().with_(**changes)
-    try:
-        if args.service == "serve":
-            return service.serve(settings)
-        if args.service == "api":
-            return service.run_api(settings, args.log_level)
-        return service.run_worker(settings, args.log_level.upper())
-    except service.ServiceError as exc:
-        raise CliError(str(exc)) from exc
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one subcommand; ``parser`` lets the service's command (``service.cli``) add its own."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

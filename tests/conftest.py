@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from worker.service import free_port, redis_command, wait_for_redis
-from worker.settings import Settings
+from core.settings import Settings
+from service.launcher import free_port, redis_command, wait_for_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
@@ -149,7 +149,7 @@ class Service:
         log_path = self.tmp / f"worker-{len(self.workers)}.log"
         log = open(log_path, "w")  # noqa: SIM115 - the worker process owns it until it exits
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cvpo.cli", "worker", "--log-level", "info"],
+            [sys.executable, "-m", "service.cli", "worker", "--log-level", "info"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -160,18 +160,18 @@ class Service:
         return worker
 
     def store(self) -> Any:
-        from worker.store import Store
+        from core.store import Store
 
         return Store(self.settings.resolved_database_url, self.settings.data_dir)
 
     def queue(self) -> Any:
-        from worker.celery_app import make_celery
-        from worker.queue import JobQueue
+        from core.celery_app import make_celery
+        from core.queue import JobQueue
 
         return JobQueue(make_celery(self.settings), self.store(), self.settings.queue)
 
     def reconcile(self) -> dict[str, Any]:
-        from worker.reconciler import reconcile
+        from core.reconciler import reconcile
 
         return reconcile(self.store(), self.queue(), outbox_grace_s=0)
 

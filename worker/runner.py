@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.queue import JobQueue
-from worker.settings import Settings
-from worker.store import JobRecord, Store
+from core.queue import JobQueue
+from core.settings import Settings
+from core.store import JobRecord, Store
 
 log = logging.getLogger("cvpo.worker")
 
@@ -186,7 +186,7 @@ def _succeed(store: Store, settings: Settings, job: JobRecord, attempt: int, own
     ``policy_id`` stays null and ``promotion`` says why (issue #18). The heartbeat keeps the lease
     while the held-out episodes run.
     """
-    from worker.certification import auto_promote
+    from core.certification import auto_promote
 
     try:
         policy_id, promotion = auto_promote(store, store.get_job(job.id), settings)

@@ -9,9 +9,9 @@ from typing import Any
 
 from celery.signals import worker_shutting_down
 
-from worker.celery_app import EVALUATE_TASK, RECONCILE_TASK, TRAIN_TASK, app
-from worker.settings import Settings
-from worker.store import Store
+from core.celery_app import EVALUATE_TASK, RECONCILE_TASK, TRAIN_TASK, app
+from core.settings import Settings
+from core.store import Store
 
 log = logging.getLogger("cvpo.worker")
 
@@ -43,7 +43,7 @@ def train(job_id: str, attempt: int) -> dict[str, Any]:
         # A duplicate (redelivery, reconciler re-send, requeue after a kill): someone else owns it.
         log.info("job %s attempt %d not claimable; dropping this message", job_id, attempt)
         return {"job_id": job_id, "attempt": attempt, "claimed": False}
-    from worker.queue import JobQueue
+    from core.queue import JobQueue
     from worker.runner import run_job  # imports torch: only inside the forked child
 
     outcome = run_job(store(), JobQueue(app, store(), s.queue), s, job_id, attempt, owner)
@@ -58,7 +58,7 @@ def evaluate(eval_id: str) -> dict[str, Any]:
     if not st.claim_evaluation(eval_id, owner):
         log.info("evaluation %s not claimable; dropping this message", eval_id)
         return {"eval_id": eval_id, "claimed": False}
-    from worker.certification import certify, policy_signals
+    from core.certification import certify, policy_signals
 
     ev = st.get_evaluation(eval_id)
     policy = st.get_policy(ev.policy_id) if ev is not None else None
@@ -87,8 +87,8 @@ def evaluate(eval_id: str) -> dict[str, Any]:
 
 @app.task(name=RECONCILE_TASK)
 def reconcile_task() -> dict[str, Any]:
-    from worker.queue import JobQueue
-    from worker.reconciler import reconcile
+    from core.queue import JobQueue
+    from core.reconciler import reconcile
 
     s = settings()
     return reconcile(store(), JobQueue(app, store(), s.queue), s.outbox_grace_s)

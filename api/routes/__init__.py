@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from api.errors import json_safe
-from worker.store import Store
+from core.store import Store
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

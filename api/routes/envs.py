@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends
 
 from api.auth import require
 from api.errors import Problem
+from core.store import Principal
 from cvpo.config import load_presets, preset_for
 from cvpo.envs.catalogue import UnknownTaskError, get_task, list_tasks
-from worker.store import Principal
 
 router = APIRouter(tags=["catalogue"])
 Reader = Annotated[Principal, Depends(require("jobs:read"))]

@@ -22,7 +22,7 @@ from api.errors import Problem, validation_problem
 from api.routes import json_response, store_of
 from api.routes.policies import _get_visible
 from api.schemas import EvaluationRequest
-from worker.store import EvaluationRecord, Principal, rfc3339
+from core.store import EvaluationRecord, Principal, rfc3339
 
 router = APIRouter(tags=["policies"])
 Reader = Annotated[Principal, Depends(require("policies:read"))]
@@ -86,8 +86,8 @@ def _check_variant(env_id: str, meta: dict[str, Any]) -> None:
     responses={202: {}, 403: {}, 404: {}, 422: {}},
 )
 async def create_evaluation(request: Request, policy_id: str, body: EvaluationRequest, principal: Writer) -> Response:
+    from core.certification import stochastic_for
     from cvpo.envs import MAX_SEED
-    from worker.certification import stochastic_for
 
     store = store_of(request)
     settings = request.app.state.settings

@@ -1,5 +1,5 @@
 """Jobs: create (idempotent, outbox), read, list, cancel, delete, metrics, events (SSE), logs, checkpoints;
-and ``POST /policies`` (promotion), which reads job checkpoints. Routes only map HTTP to ``worker.store``."""
+and ``POST /policies`` (promotion), which reads job checkpoints. Routes only map HTTP to ``core.store``."""
 
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ from api.auth import owner_filter, require
 from api.errors import Problem, json_safe, validation_problem
 from api.routes import json_response, store_of
 from api.schemas import JobSpec, PromoteRequest
-from cvpo.config import ConfigError, expand_overrides, resolve_config
-from cvpo.envs.catalogue import TASKS
-from worker.store import (
+from core.store import (
     STATUSES,
     CapExceededError,
     ConflictError,
@@ -33,6 +31,8 @@ from worker.store import (
     Principal,
     rfc3339,
 )
+from cvpo.config import ConfigError, expand_overrides, resolve_config
+from cvpo.envs.catalogue import TASKS
 
 INT64_MAX = 2**63 - 1  # the job store's integer columns (SQLite INTEGER); a larger cursor is a 422, not a 500
 router = APIRouter(tags=["jobs"])
@@ -49,7 +49,7 @@ def promotion_view(promotion: dict[str, Any] | None, full: bool = True) -> dict[
     """How the job's automatic promotion went; ``full=False`` drops per-episode lists (job listings)."""
     if promotion is None:
         return None
-    from worker.certification import certificate_summary
+    from core.certification import certificate_summary
 
     view = dict(promotion)
     view["candidates"] = [
@@ -443,7 +443,7 @@ def promote(
 ) -> Response:
     from api.routes.policies import policy_resource
     from api.shield import ShieldSpecError, validate_shield_spec
-    from worker.certification import cached_certificate, certify, cost_signals_of, job_params, shortfall
+    from core.certification import cached_certificate, certify, cost_signals_of, job_params, shortfall
 
     job = _get_job(request, body.job_id, principal)
     if body.override is not None and not principal.admin:

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_lates
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from api.auth import require
-from worker.store import Principal
+from core.store import Principal
 
 router = APIRouter(tags=["metrics"])
 

@@ -40,8 +40,8 @@ from api.auth import authenticate, owner_filter, require
 from api.errors import Problem, json_safe, validation_problem
 from api.routes import json_response, store_of
 from api.shield import ShieldSpecError
+from core.store import PolicyRecord, Principal
 from cvpo.artefact import META_FILE, WEIGHTS_FILE, ArtefactError
-from worker.store import PolicyRecord, Principal
 
 router = APIRouter(tags=["policies"])
 Reader = Annotated[Principal, Depends(require("policies:read"))]

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from core.settings import Settings
+from core.store import Store
 from tests.api.artefact_factory import write_random_artefact
-from worker.settings import Settings
-from worker.store import Store
 
 ADMIN = "policy-tests-admin-token"
 OBS_DIM = 6

@@ -63,7 +63,7 @@ def test_multi_agent_make_fails_clearly() -> None:
 def test_no_module_imports_safety_gymnasium_directly() -> None:
     pattern = re.compile(r"^\s*(import safety_gymnasium|from safety_gymnasium\b)", re.MULTILINE)
     offenders = []
-    for top in ("cvpo", "api", "worker", "bench", "tests"):
+    for top in ("cvpo", "core", "api", "worker", "service", "bench", "tests"):
         for path in (REPO / top).rglob("*.py"):
             if path.name != "compat.py" and pattern.search(path.read_text()):
                 offenders.append(str(path.relative_to(REPO)))

@@ -73,7 +73,7 @@ def test_a_violating_policy_is_refused_and_only_an_admin_can_override(api: Any, 
     # (the worker computed its own at job end), gives the same numbers on the same seeds.
     final_ckpt = api.get(f"/jobs/{job_id}/checkpoints").json()["items"][-1]["id"]
     worker_cert = next(c["certificate"] for c in tried if "final" in c["roles"])
-    from worker.store import jobs  # drop the job's cached candidates so the API certifies anew
+    from core.store import jobs  # drop the job's cached candidates so the API certifies anew
 
     with api.app.state.store.tx() as c:
         c.execute(jobs.update().where(jobs.c.id == job_id).values(promotion=None))

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.launcher import free_port
 from tests.conftest import (
     ROOT,
     TINY_SPEC,
@@ -37,7 +38,6 @@ from tests.conftest import (
     wait_until,
 )
 from tests.e2e.test_jobs_api import MINIMAL, assert_problem, post_job
-from worker.service import free_port
 
 OBS_DIM = 6
 
@@ -264,8 +264,8 @@ MAX_CONNECTIONS = 90
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    from core.store import Store
     from tests.api.artefact_factory import write_random_artefact
-    from worker.store import Store
 
     tmp = tmp_path_factory.mktemp("live")
     redis = RedisServer(tmp / "redis-data")
@@ -289,7 +289,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     try:
         for name, argv in (("worker", ["worker", "--log-level", "debug"]), ("api", ["api", "--log-level", "debug"])):
             with open(logs[name], "w") as log:
-                cmd = [sys.executable, "-m", "cvpo.cli", *argv]
+                cmd = [sys.executable, "-m", "service.cli", *argv]
                 proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
                 procs.append(WorkerProcess(proc, logs[name]))
         live = Live(port, settings.data_dir, tmp / "redis-data", logs, policy_id, controller, procs[-1].proc)
@@ -422,7 +422,7 @@ def test_open_event_streams_do_not_fill_the_inflight_cap(live: Live) -> None:
     controller got a 503 for as long as they stayed open."""
     from api.routes.jobs import resolve_spec
     from api.schemas import JobSpec
-    from worker.store import Store
+    from core.store import Store
 
     store = Store(f"sqlite:///{live.data_dir / 'cvpo.db'}", live.data_dir)
     echoed, config = resolve_spec(JobSpec.model_validate(dict(TINY_SPEC)))

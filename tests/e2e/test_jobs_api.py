@@ -319,7 +319,7 @@ def test_tokens_cli_create_scope_and_revoke(api: Any, service: Service) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "cvpo.cli", "tokens", *args],
+            [sys.executable, "-m", "service.cli", "tokens", *args],
             env=service.env, cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from service.launcher import free_port
 from tests.conftest import ROOT, TINY_SPEC, wait_until
-from worker.service import free_port
 
 
 def _alive(pid: int) -> bool:
@@ -37,7 +37,7 @@ def test_cvpo_serve_trains_a_job_and_stops_cleanly(tmp_path: Path) -> None:
         }
     )
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - the child writes it until it exits
-    serve = subprocess.Popen([sys.executable, "-m", "cvpo.cli", "serve"], env=env, cwd=ROOT, stdout=log, stderr=log)
+    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=ROOT, stdout=log, stderr=log)
     try:
         base = f"http://127.0.0.1:{port}"
 

@@ -20,9 +20,9 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from core.settings import Settings
+from service.launcher import free_port
 from tests.conftest import wait_until
-from worker.service import free_port
-from worker.settings import Settings
 
 APT_HINT = "apt-get install -y chromium chromium-driver (scripts/setup.sh installs them)"
 WINDOW = (1280, 800)

@@ -48,7 +48,7 @@ def epochs_of(service: Service, job_id: str) -> list[int]:
 def test_worker_and_api_import_without_torch() -> None:
     """No CUDA in the Celery parent before fork (§3.1), and the API serves without torch (§2.3)."""
     code = (
-        "import sys, worker.celery_app, worker.tasks, worker.store, api.app, api.routes.policies;"
+        "import sys, core.celery_app, worker.tasks, core.store, api.app, api.routes.policies;"
         "assert 'torch' not in sys.modules and 'cvpo.trainer' not in sys.modules, 'torch or the trainer was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from worker.settings import Settings
+from core.settings import Settings
 
 STOP_GRACE_S = 120.0
 
@@ -92,7 +92,7 @@ def worker_argv(settings: Settings, loglevel: str = "INFO") -> list[str]:
 
 def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
     """Run one Celery worker in this process (blocks). CUDA is picked per job inside the child."""
-    from worker.celery_app import app  # built from the same environment as ``settings``
+    from core.celery_app import app  # built from the same environment as ``settings``
 
     app.worker_main(worker_argv(settings, loglevel))
     return 0
@@ -133,7 +133,7 @@ def serve(settings: Settings) -> int:
         children.append(("redis", redis))
         wait_for_redis(port, proc=redis)
         env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-    cli = [sys.executable, "-m", "cvpo.cli"]
+    cli = [sys.executable, "-m", "service.cli"]
     worker = subprocess.Popen([*cli, "worker"], env=env)
     children.append(("worker", worker))
     api = subprocess.Popen([*cli, "api"], env=env)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.settings import Settings
+from core.settings import Settings
 
 TRAIN_TASK = "cvpo.train"
 RECONCILE_TASK = "cvpo.reconcile"

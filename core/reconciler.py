@@ -15,8 +15,8 @@ import logging
 import time
 from typing import Any
 
-from worker.queue import JobQueue
-from worker.store import Store
+from core.queue import JobQueue
+from core.store import Store
 
 log = logging.getLogger("cvpo.reconciler")
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from celery import Celery
 
-from worker.celery_app import EVALUATE_TASK, TRAIN_TASK
-from worker.store import JobRecord, Store
+from core.celery_app import EVALUATE_TASK, TRAIN_TASK
+from core.store import JobRecord, Store
 
 log = logging.getLogger("cvpo.queue")
 

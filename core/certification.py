@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from worker.settings import Settings
-from worker.store import CheckpointRecord, JobRecord, PolicyRecord, Store
+from core.settings import Settings
+from core.store import CheckpointRecord, JobRecord, PolicyRecord, Store
 
 log = logging.getLogger("cvpo.worker")
 

@@ -1,0 +1,61 @@
+"""The import direction of the packages (issue #19): cvpo → core → api | worker → service → bench.
+
+The engine is a library that imports nothing of the service; ``core`` holds what the API and the worker
+share; the API and the worker never import each other; only ``service`` (the composition root) sees both.
+Checked statically over every import statement, function-level ones included, and by importing each
+lower package in a clean interpreter.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# Package → the project packages it must never import.
+FORBIDDEN = {
+    "cvpo": {"core", "api", "worker", "service", "bench"},
+    "core": {"api", "worker", "service", "bench"},
+    "api": {"worker", "service", "bench"},
+    "worker": {"api", "service", "bench"},
+    "service": {"bench"},
+}
+
+
+def imported_tops(path: Path) -> set[str]:
+    tops = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            tops |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            tops.add(node.module.split(".")[0])
+    return tops
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_import_points_up_or_sideways(package: str) -> None:
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(imported_tops(path) & FORBIDDEN[package])
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+@pytest.mark.parametrize("package", ["cvpo", "core"])
+def test_importing_a_lower_package_loads_nothing_above_it(package: str) -> None:
+    code = (
+        "import importlib, json, pkgutil, sys\n"
+        f"pkg = importlib.import_module({package!r})\n"
+        f"for m in pkgutil.walk_packages(pkg.__path__, {package!r} + '.'):\n"
+        "    if not m.name.endswith('.compat'):\n"  # the simulator's import shim loads safety-gymnasium only
+        "        importlib.import_module(m.name)\n"
+        "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert set(json.loads(out.stdout.splitlines()[-1])) & FORBIDDEN[package] == set()
