@@ -333,19 +333,6 @@ def _cost_signals(policy_dir: Path, meta: dict[str, Any], m: int) -> tuple[list[
     return ["cost"] * m, "default (env cost)"
 
 
-def _step_costs(signals: Sequence[str], cost: float, info: dict[str, Any]) -> np.ndarray:
-    out = np.empty(len(signals))
-    for i, name in enumerate(signals):
-        if name == "cost":
-            out[i] = cost
-        elif name in info:
-            out[i] = float(info[name])
-        else:
-            keys = sorted(k for k in info if k.startswith("cost"))
-            raise ValueError(f"cost signal {name!r} is not in this task's info; available: cost, {keys}")
-    return out
-
-
 def _check_spaces(policy: Any, env_id: str) -> None:
     from cvpo.envs import get_task
 
@@ -382,6 +369,8 @@ def run_episodes_detailed(
 ) -> EpisodeRecord:
     """``run_episodes``, plus, when ``gamma`` is given, each episode's discounted cost per constraint
     and, when the artefact has cost critics, their Q_c(s_0, a_0) of its first action."""
+    from cvpo.envs.wrappers import step_costs as costs_of
+
     out = EpisodeRecord([], [])
     predict = gamma is not None and getattr(policy, "cost_critic", None) is not None
     for seed in seeds:
@@ -394,7 +383,7 @@ def run_episodes_detailed(
                 out.predicted_costs.append([float(q) for q in policy.cost_to_go(obs, action)[0]])
             first = False
             obs, reward, cost, terminated, truncated, info = env.step(action)
-            step_costs = _step_costs(signals, cost, info)
+            step_costs = costs_of(signals, cost, info)
             ep_return += reward
             ep_cost += step_costs
             if gamma is not None:

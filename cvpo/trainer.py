@@ -220,16 +220,7 @@ class Trainer:
 
     def costs_of(self, cost: float, info: dict[str, Any]) -> np.ndarray:
         signals = self.config.constraints.cost_signals or ("cost",) * self.config.num_constraints
-        out = np.empty(len(signals))
-        for i, name in enumerate(signals):
-            if name == "cost":
-                out[i] = cost
-            elif name in info:
-                out[i] = float(info[name])
-            else:
-                keys = sorted(k for k in info if k.startswith("cost"))
-                raise ValueError(f"cost signal {name!r} is not in this task's info; available: cost, {keys}")
-        return out
+        return envs.step_costs(signals, cost, info)
 
     def request_stop(self) -> None:
         self._stop = True

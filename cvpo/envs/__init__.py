@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 
 from cvpo.envs.catalogue import DEFAULT_COST_LIMIT, TASKS, TaskInfo, UnknownTaskError, get_task, list_tasks
-from cvpo.envs.wrappers import ObservationNormalizer, SafeEnv, scale_action
+from cvpo.envs.wrappers import ObservationNormalizer, SafeEnv, scale_action, step_costs
 
 __all__ = [
     "DEFAULT_COST_LIMIT",
@@ -23,6 +23,7 @@ __all__ = [
     "list_tasks",
     "make",
     "scale_action",
+    "step_costs",
 ]
 
 MAX_SEED = 2**32 - 1  # numpy's SeedSequence accepts larger, but MuJoCo tasks reseed with uint32

@@ -11,6 +11,7 @@ This module imports only numpy (the policy runtime uses the normaliser without a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -169,3 +170,17 @@ class SafeEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def step_costs(signals: Sequence[str], cost: float, info: dict[str, Any]) -> np.ndarray:
+    """Per-constraint step costs: ``"cost"`` is the env's total, any other name an ``info`` entry."""
+    out = np.empty(len(signals))
+    for i, name in enumerate(signals):
+        if name == "cost":
+            out[i] = cost
+        elif name in info:
+            out[i] = float(info[name])
+        else:
+            keys = sorted(k for k in info if k.startswith("cost"))
+            raise ValueError(f"cost signal {name!r} is not in this task's info; available: cost, {keys}")
+    return out
