@@ -258,7 +258,10 @@ def decode_cursor(token: str | None) -> int | None:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         if not raw.startswith("s"):
             raise ValueError
-        return int(raw[1:])
+        seq = int(raw[1:])
+        if not 0 <= seq < 2**63:  # the seq columns are 64-bit: a larger number is no token we issued
+            raise ValueError
+        return seq
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"page_token {token!r} is not one this service issued") from exc
 

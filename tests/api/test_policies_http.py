@@ -237,6 +237,12 @@ def test_list_is_per_client_filtered_and_paged(served: Served) -> None:
     assert [p["id"] for p in only] == [served.policies["hooked"]]
     assert served.client.get("/policies", params={"env_id": "SafetyCarGoal1-v0"}).json()["items"] == []
     assert_problem(served.client.get("/policies", params={"page_token": "garbage!"}), 422, ["query", "page_token"])
+    # A well-formed token whose number does not fit the 64-bit seq column (issue #23 item 10): 422, not 500.
+    import base64
+
+    for seq in (2**63, 10**30, -(2**63) - 1):
+        huge = base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+        assert_problem(served.client.get("/policies", params={"page_token": huge}), 422, ["query", "page_token"])
     assert_problem(served.client.get("/policies", params={"page_size": 0}), 422)
 
 
