@@ -84,7 +84,15 @@ def verify_checkpoint(path: Path) -> dict[str, str]:
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST_FILE})")
-    files = json.loads(manifest_path.read_text())["files"]
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST_FILE} ({exc})") from exc
+    # The manifest must cover exactly the files that get loaded: one listing fewer (or none) would let
+    # unverified files through.
+    required = {STATE_FILE, ARRAYS_FILE, META_FILE}
+    if not isinstance(files, dict) or set(files) != required or not all(isinstance(d, str) for d in files.values()):
+        raise CheckpointError(f"{path}: {MANIFEST_FILE} must list sha256 digests for exactly {sorted(required)}")
     for name, digest in files.items():
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: {name} is missing")

@@ -53,6 +53,22 @@ def test_tampered_file_is_refused(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    "manifest",
+    [{"files": {}}, {"files": {"meta.json": None}}, {"nope": 1}, [], "not json", {"files": {"../x": "0" * 64}}],
+)
+def test_a_manifest_that_does_not_cover_every_file_is_invalid(tmp_path: Path, manifest: object) -> None:
+    """Issue #23 item 10: a manifest listing no files verified nothing, and the files were loaded anyway."""
+    state, arrays, meta = sample_state()
+    path = save_checkpoint(tmp_path / "ckpt_1", state, arrays, meta)
+    good = json.loads((path / "manifest.json").read_text())["files"]
+    if isinstance(manifest, dict) and manifest.get("files") == {"meta.json": None}:
+        manifest = {"files": {"meta.json": good["meta.json"]}}  # one file verified, two not
+    (path / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="manifest"):
+        load_checkpoint(path)
+
+
 class Planted:
     """Unpickling this would create a marker file."""
 
