@@ -125,7 +125,7 @@ def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str
     except (ConfigError, ValueError) as exc:
         return fail("invalid_spec", str(exc))
     except Exception as exc:
-        return fail("internal", f"{type(exc).__name__}: {exc}")
+        return _internal(store, job_id, attempt, owner, "internal", exc)
 
     if not store.begin_attempt(job_id, attempt, owner, trainer.epoch):
         _fenced(job_id, attempt)
@@ -150,12 +150,10 @@ def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str
     except DivergedError as exc:
         return fail("diverged", str(exc))
     except MemoryError as exc:
-        return fail("oom", f"out of memory: {exc}")
+        return _internal(store, job_id, attempt, owner, "oom", exc)
     except Exception as exc:
-        if "out of memory" in str(exc).lower():
-            return fail("oom", str(exc))
-        log.exception("job %s crashed", job_id)
-        return fail("internal", f"{type(exc).__name__}: {exc}")
+        reason = "oom" if "out of memory" in str(exc).lower() else "internal"
+        return _internal(store, job_id, attempt, owner, reason, exc)
 
     if not result.stopped_early:
         return _succeed(store, heartbeat.settings, job, attempt, owner)
@@ -170,6 +168,15 @@ def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str
     if reason == "timeout":
         return fail("timeout", f"time limit of {job.time_limit_s:g} s reached; the last checkpoint is kept")
     return fail("internal", "the training loop stopped without a reason")
+
+
+def _internal(store: Store, job_id: str, attempt: int, owner: str, reason: str, exc: BaseException) -> str:
+    """Fail with a message that carries no exception text (paths, hosts, library internals): the full
+    traceback goes to the worker's log only, under a reference the client's message names (issue #23)."""
+    ref = f"{job_id} attempt {attempt}"
+    log.error("job %s failed (%s) with an exception", ref, reason, exc_info=exc)
+    what = "out of memory" if reason == "oom" else "internal error in the worker"
+    return _fail(store, job_id, attempt, owner, reason, f"{what}; the worker's log has the details under '{ref}'")
 
 
 def _fail(store: Store, job_id: str, attempt: int, owner: str, reason: str, message: str) -> str:
