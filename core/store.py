@@ -1100,6 +1100,11 @@ class Store:
         with self.tx() as c:
             c.execute(policies.update().where(policies.c.id == policy_id).values(ready=ready))
 
+    def policy_ids(self, client: str) -> set[str]:
+        """The ids of one client's policies (for filtering what a tenant may see)."""
+        with self.engine.connect() as c:
+            return set(c.execute(sa.select(policies.c.id).where(policies.c.client == client)).scalars())
+
     def list_policies(
         self,
         *,

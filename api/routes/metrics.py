@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -25,7 +26,7 @@ def _gauges(registry: CollectorRegistry) -> tuple[Gauge, Gauge, Gauge]:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request, _: Annotated[Principal, Depends(require("metrics:read"))]) -> Response:
+async def metrics(request: Request, principal: Annotated[Principal, Depends(require("metrics:read"))]) -> Response:
     state = request.app.state
     if not hasattr(state, "job_gauges"):
         state.job_gauges = _gauges(state.prometheus_registry)
@@ -41,4 +42,20 @@ async def metrics(request: Request, _: Annotated[Principal, Depends(require("met
     # Age = how far past renewal the stalest lease is: lease_until - ttl gives the last renewal time.
     gauge_age.set(0.0 if age is None else max(0.0, age + state.settings.lease_ttl_s))
     body = generate_latest(state.prometheus_registry) + generate_latest(REGISTRY)
+    if not principal.admin:  # a tenant sees its own policies' series only (issue #23 item 9)
+        own = await asyncio.to_thread(state.store.policy_ids, principal.client)
+        body = _only_policies(body, own)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+_POLICY_LABEL = re.compile(rb'policy_id="([^"]*)"')
+
+
+def _only_policies(body: bytes, allowed: set[str]) -> bytes:
+    """Drop the samples labelled with a policy id outside ``allowed`` (HELP/TYPE lines stay)."""
+    keep = []
+    for line in body.split(b"\n"):
+        m = _POLICY_LABEL.search(line) if not line.startswith(b"#") else None
+        if m is None or m.group(1).decode() in allowed:
+            keep.append(line)
+    return b"\n".join(keep)

@@ -299,3 +299,18 @@ def test_act_says_whether_the_policy_is_certified(served: Served) -> None:
     bundle = served.client.get(f"/policies/{record.id}/export", params={"format": "bundle"})
     with zipfile.ZipFile(io.BytesIO(bundle.content)) as z:
         assert json.loads(z.read("certificate.json")) == cert
+
+
+def test_metrics_show_a_tenant_only_its_own_policies(served: Served) -> None:
+    """Issue #23 item 9: /metrics listed every tenant's policy ids to any token with metrics:read."""
+    from api.act import ACT_CLIPPED
+
+    mine, theirs = served.policies["plain"], served.policies["foreign"]
+    for pid in (mine, theirs):
+        ACT_CLIPPED.labels(pid).inc(0)  # a labelled series for each, as /act creates them
+    _, tenant = served.store.create_token("scraper", ["metrics:read"], served.ids["owner"])
+    body = served.client.get("/metrics", headers={"Authorization": f"Bearer {tenant}"}).text
+    assert f'policy_id="{mine}"' in body and theirs not in body
+    assert "# TYPE act_clipped_total counter" in body and "cvpo_jobs" in body  # the rest is unchanged
+    admin = served.client.get("/metrics").text
+    assert f'policy_id="{mine}"' in admin and f'policy_id="{theirs}"' in admin
