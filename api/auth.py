@@ -30,10 +30,16 @@ LOCAL_ADMIN = Principal(ADMIN_CLIENT, frozenset({"admin"}))
 ANONYMOUS_READER = Principal("anonymous", frozenset({"jobs:read", "policies:read", "metrics:read"}))
 
 
+# The bootstrap admin token's names in the store; registering one revokes the others (issue #23 item 9):
+# a changed CVPO_API_TOKEN (or a switch between it and the token file) leaves no earlier admin token valid.
+BOOTSTRAP_NAMES = ("admin (CVPO_API_TOKEN)", "admin (token file)")
+
+
 def bootstrap_admin_token(settings: Settings, store: Store) -> tuple[str, str | None]:
-    """Register the admin token. Returns (where it is, the raw token if newly generated)."""
+    """Register the admin token, revoking earlier bootstrap tokens. Returns (where it is, the raw token
+    if newly generated)."""
     if settings.api_token:
-        store.ensure_token(settings.api_token, "admin (CVPO_API_TOKEN)", ["admin"], client=ADMIN_CLIENT)
+        store.replace_bootstrap_token(settings.api_token, BOOTSTRAP_NAMES[0], BOOTSTRAP_NAMES, ADMIN_CLIENT)
         return "the CVPO_API_TOKEN environment variable", None
     path = settings.token_file
     created = None
@@ -45,7 +51,7 @@ def bootstrap_admin_token(settings: Settings, store: Store) -> tuple[str, str | 
             f.write(raw + "\n")
         created = raw
     raw = path.read_text().strip()
-    store.ensure_token(raw, "admin (token file)", ["admin"], client=ADMIN_CLIENT)
+    store.replace_bootstrap_token(raw, BOOTSTRAP_NAMES[1], BOOTSTRAP_NAMES, ADMIN_CLIENT)
     return str(path.resolve()), created
 
 

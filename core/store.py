@@ -502,6 +502,14 @@ class Store:
             )
             return tid
 
+    def replace_bootstrap_token(self, raw: str, name: str, previous_names: Iterable[str], client: str) -> str:
+        """Register the admin bootstrap token and revoke every earlier one (tokens named in
+        ``previous_names`` with another digest): rotating CVPO_API_TOKEN must not leave the old one valid."""
+        digest = hash_token(raw)
+        with self.tx() as c:
+            c.execute(tokens.delete().where(tokens.c.name.in_(list(previous_names)), tokens.c.sha256 != digest))
+        return self.ensure_token(raw, name, ["admin"], client=client)
+
     def create_token(self, name: str, scopes: Iterable[str], client: str | None = None) -> tuple[str, str]:
         """A new random token; ``client`` defaults to the token's own id (a client of its own)."""
         scopes = list(scopes)

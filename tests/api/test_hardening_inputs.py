@@ -9,6 +9,7 @@ Regressions: nested bodies and >64-bit integers echoed back in a 422 could not b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -229,3 +230,22 @@ def test_openapi_refs_resolve_so_fuzzers_generate_job_bodies(served: Served) -> 
         assert isinstance(case.body, dict) and {"env_id", "total_env_steps"} <= set(case.body), case.body
 
     check()
+
+
+def test_changing_the_admin_token_revokes_the_previous_one(tmp_path: Path) -> None:
+    """Issue #23 item 9: after CVPO_API_TOKEN changed, the old admin token still worked."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from tests.api.conftest import served_settings
+
+    old, new = "old-admin-token-0123456789abcdef", "new-admin-token-0123456789abcdef"
+    with TestClient(create_app(served_settings(tmp_path, api_token=old))) as client:
+        assert client.get("/jobs", headers={"Authorization": f"Bearer {old}"}).status_code == 200
+        client.app.state.store.create_token("arm", ["policies:act"])
+    with TestClient(create_app(served_settings(tmp_path, api_token=new))) as client:
+        assert client.get("/jobs", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+        assert client.get("/jobs", headers={"Authorization": f"Bearer {old}"}).status_code == 401
+        assert client.get("/policies", headers={"Authorization": f"Bearer {old}"}).status_code == 401
+        names = [t["name"] for t in client.app.state.store.list_tokens()]
+        assert names.count("admin (CVPO_API_TOKEN)") == 1 and "arm" in names  # other tokens are untouched
