@@ -43,6 +43,7 @@ class Heartbeat(threading.Thread):
         self.deadline = float("inf")  # the time limit counts training time, from attach()
         self.reason: str | None = None
         self.halt = threading.Event()
+        self._last: tuple[float, int] | None = None  # (time, env steps) at the previous beat, for the rate
 
     def check(self, job: JobRecord | None) -> None:
         if job is None:
@@ -78,7 +79,6 @@ class Heartbeat(threading.Thread):
         return {"env_step": step, "env_steps_per_s": rate, "phase": getattr(trainer, "phase", None)}
 
     def run(self) -> None:
-        self._last: tuple[float, int] | None = None
         while not self.halt.wait(self.settings.heartbeat_s):
             try:
                 beat = self.store.heartbeat(
