@@ -407,6 +407,9 @@ def _owned_by(job_id: str, attempt: int, owner: str) -> Any:
     )
 
 
+READ_ONLY = "cvpo_read_only"  # execution option of Store._read's connections: a deferred BEGIN
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -426,8 +429,11 @@ def make_engine(url: str) -> Engine:
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
             # IMMEDIATE takes the write lock up front: a read-then-write CAS never fails with
-            # SQLITE_BUSY_SNAPSHOT, it waits its turn (busy_timeout) instead.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # SQLITE_BUSY_SNAPSHOT, it waits its turn (busy_timeout) instead. Reads (Store._read)
+            # open a deferred transaction: under WAL they take no lock, so token lookups and GETs
+            # never queue behind the worker's heartbeats and epoch writes (issue #23 item 3).
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
@@ -465,6 +471,11 @@ class Store:
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
         self.migrated = _migrate(self.engine)
+        self._reader = self.engine.execution_options(**{READ_ONLY: True})  # same pool, deferred BEGIN
+
+    def _read(self) -> Connection:
+        """A connection for reads only (its transaction is never committed): deferred, lock-free on SQLite."""
+        return self._reader.connect()
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:
@@ -473,7 +484,7 @@ class Store:
 
     def ping(self) -> bool:
         try:
-            with self.engine.connect() as conn:
+            with self._read() as conn:
                 conn.execute(sa.text("SELECT 1"))
             return True
         except sa.exc.SQLAlchemyError:
@@ -522,7 +533,7 @@ class Store:
         return self.ensure_token(raw, name, scopes, client), raw
 
     def list_tokens(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as c:
+        with self._read() as c:
             rows = c.execute(sa.select(tokens).order_by(tokens.c.created_at)).all()
         return [
             {"id": r.id, "name": r.name, "client": r.client, "scopes": r.scopes, "created_at": rfc3339(r.created_at)}
@@ -534,7 +545,7 @@ class Store:
             return c.execute(tokens.delete().where(tokens.c.id == token_id)).rowcount == 1
 
     def lookup_token(self, digest: str) -> Principal | None:
-        with self.engine.connect() as c:
+        with self._read() as c:
             row = c.execute(sa.select(tokens).where(tokens.c.sha256 == digest)).first()
         return Principal(row.client, frozenset(row.scopes)) if row else None
 
@@ -559,7 +570,7 @@ class Store:
         q = sa.select(events).where(events.c.job_id == job_id, events.c.seq > after_seq)
         if types:
             q = q.where(events.c.type.in_(list(types)))
-        with self.engine.connect() as c:
+        with self._read() as c:
             rows = c.execute(q.order_by(events.c.seq).limit(limit)).all()
         return [{"seq": r.seq, "type": r.type, "data": r.data, "time": rfc3339(r.time)} for r in rows]
 
@@ -639,7 +650,7 @@ class Store:
 
     def get_job(self, job_id: str, client: str | None = None) -> JobRecord:
         """The job, or NotFoundError (also for another client's job: no existence leak)."""
-        with self.engine.connect() as c:
+        with self._read() as c:
             return _job(_find_job(c, job_id, client))
 
     def list_jobs(
@@ -655,7 +666,7 @@ class Store:
         return self._page(jobs, _job, {"client": client, "status": status, "env_id": env_id}, page_size, page_token)
 
     def jobs_by_status(self) -> dict[str, int]:
-        with self.engine.connect() as c:
+        with self._read() as c:
             rows = c.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
         counts = dict.fromkeys(STATUSES, 0)
         counts.update({r[0]: r[1] for r in rows})
@@ -663,7 +674,7 @@ class Store:
 
     def oldest_heartbeat_age(self) -> float | None:
         """``now - min(lease_until)`` over live jobs (add the TTL for the age of the stalest renewal)."""
-        with self.engine.connect() as c:
+        with self._read() as c:
             row = c.execute(
                 sa.select(sa.func.min(jobs.c.lease_until)).where(jobs.c.status.in_(LEASED))
             ).scalar_one_or_none()
@@ -908,7 +919,7 @@ class Store:
     # ------------------------------------------------------------------ reconciler queries
 
     def expired_leases(self, now: float) -> list[JobRecord]:
-        with self.engine.connect() as c:
+        with self._read() as c:
             rows = c.execute(sa.select(jobs).where(jobs.c.status.in_(LEASED), jobs.c.lease_until < now)).all()
         return [_job(r) for r in rows]
 
@@ -932,7 +943,7 @@ class Store:
 
     def unsent(self, created_before: float) -> list[JobRecord]:
         """Queued jobs whose message was never handed to the broker (the outbox)."""
-        with self.engine.connect() as c:
+        with self._read() as c:
             rows = c.execute(
                 sa.select(jobs).where(
                     jobs.c.status == "queued", jobs.c.enqueued_at.is_(None), jobs.c.updated_at <= created_before
@@ -941,12 +952,12 @@ class Store:
         return [_job(r) for r in rows]
 
     def queued_jobs(self) -> list[JobRecord]:
-        with self.engine.connect() as c:
+        with self._read() as c:
             rows = c.execute(sa.select(jobs).where(jobs.c.status == "queued")).all()
         return [_job(r) for r in rows]
 
     def get_kv(self, key: str) -> Any:
-        with self.engine.connect() as c:
+        with self._read() as c:
             return c.execute(sa.select(kv.c.value).where(kv.c.key == key)).scalar_one_or_none()
 
     def set_kv(self, key: str, value: Any) -> None:
@@ -960,7 +971,7 @@ class Store:
         q = sa.select(metric_points).where(metric_points.c.job_id == job_id)
         if after_step is not None:
             q = q.where(metric_points.c.env_step > after_step)
-        with self.engine.connect() as c:
+        with self._read() as c:
             rows = c.execute(q.order_by(metric_points.c.epoch).limit(limit)).all()
         return [
             {
@@ -974,7 +985,7 @@ class Store:
         ]
 
     def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
-        with self.engine.connect() as c:
+        with self._read() as c:
             rows = c.execute(
                 sa.select(checkpoints).where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.seq)
             ).all()
@@ -1100,7 +1111,7 @@ class Store:
             return _policy(c.execute(sa.select(policies).where(policies.c.id == policy_id)).one())
 
     def get_policy(self, policy_id: str) -> PolicyRecord | None:
-        with self.engine.connect() as c:
+        with self._read() as c:
             row = c.execute(sa.select(policies).where(policies.c.id == policy_id)).first()
         return _policy(row) if row else None
 
@@ -1110,7 +1121,7 @@ class Store:
 
     def policy_ids(self, client: str) -> set[str]:
         """The ids of one client's policies (for filtering what a tenant may see)."""
-        with self.engine.connect() as c:
+        with self._read() as c:
             return set(c.execute(sa.select(policies.c.id).where(policies.c.client == client)).scalars())
 
     def list_policies(
@@ -1146,7 +1157,7 @@ class Store:
         q = sa.select(evaluations).where(evaluations.c.id == eval_id)
         if policy_id is not None:
             q = q.where(evaluations.c.policy_id == policy_id)
-        with self.engine.connect() as c:
+        with self._read() as c:
             row = c.execute(q).first()
         return _evaluation(row) if row else None
 
@@ -1193,7 +1204,7 @@ class Store:
         cursor = decode_cursor(page_token)
         if cursor is not None:
             q = q.where(table.c.seq < cursor)
-        with self.engine.connect() as c:
+        with self._read() as c:
             rows = c.execute(q.order_by(table.c.seq.desc()).limit(page_size + 1)).all()
         items = [convert(r) for r in rows[:page_size]]
         return items, (_encode_cursor(items[-1].seq) if len(rows) > page_size and items else None)
