@@ -123,6 +123,15 @@ class LoopConfig:
     # is what the constraint actually bounds, and their start states calibrate the cost critic.
     # None: half of ``eval_episodes``, rounded up.
     eval_stochastic_episodes: int | None = None
+    # Which policy the run hands out as ``policy/`` (docs/safety-margin.md). "final": the last epoch's.
+    # "validated": after every epoch the mean action also runs ``validation_episodes`` episodes on
+    # validation layouts (their own reset seeds: never the evaluation, training or certification
+    # layouts); the served policy is the epoch with the highest validation return among those whose
+    # one-sided ``validation_confidence`` upper bound on every episode cost is within its limit, else
+    # the epoch with the lowest bound.
+    select: str = "final"
+    validation_episodes: int = 10
+    validation_confidence: float = 0.95
     checkpoint_every_epochs: int = 1
     normalize_obs: bool = True
     obs_clip: float = 5.0
@@ -411,6 +420,17 @@ def validate(c: TrainConfig) -> None:
         lp.eval_stochastic_episodes is None or 0 <= lp.eval_stochastic_episodes <= 1000,
         "loop.eval_stochastic_episodes",
         f"must be in [0, 1000], got {lp.eval_stochastic_episodes}",
+    )
+    _check(lp.select in ("final", "validated"), "loop.select", f"must be final or validated, got {lp.select!r}")
+    _check(
+        2 <= lp.validation_episodes <= 1000,
+        "loop.validation_episodes",
+        f"must be in [2, 1000] (an upper bound needs 2 episodes), got {lp.validation_episodes}",
+    )
+    _check(
+        0.5 <= lp.validation_confidence < 1,
+        "loop.validation_confidence",
+        f"must be in [0.5, 1), got {lp.validation_confidence}",
     )
     _check(lp.checkpoint_every_epochs >= 1, "loop.checkpoint_every_epochs", "must be ≥ 1")
     _check(lp.obs_clip > 0, "loop.obs_clip", "must be > 0")

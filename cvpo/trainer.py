@@ -13,7 +13,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from cvpo.envs import ObservationNormalizer, SafeEnv
 from cvpo.learner import Learner, MinibatchTensors, sample_actions
 from cvpo.nets import ActorSnapshot
 from cvpo.runtime import keep_freed_memory
+from cvpo.selection import VALIDATION_SEED_BASE, Snapshot, better, candidate
 from cvpo.thresholds import curriculum_threshold, per_step_threshold
 
 EVAL_SEED_BASE = 1_000_003  # evaluation layouts: the same episodes every epoch, apart from training's
@@ -160,6 +162,9 @@ class Trainer:
         self.update_credit = 0.0
         self.steps_since_update = 0
         self.best: dict[str, Any] | None = None
+        # loop.select = "validated": the chosen epoch's validation record and its policy (cvpo/selection.py).
+        self.selected: dict[str, Any] | None = None
+        self.selected_snapshot: Snapshot | None = None
         self.epoch_stats = EpochStats()
         self.elapsed_before = 0.0  # wall time of earlier attempts, for the metrics' wall_time_s
         self._stop = False
@@ -346,7 +351,7 @@ class Trainer:
         if probe or (self.config.constraints.probe_every == 0 and self.env_steps > lp.warmup_steps):
             self.update_margin(ep_cost)
 
-    def evaluate(self, episodes: int, stochastic_episodes: int = 0) -> dict[str, Any]:
+    def evaluate(self, episodes: int, stochastic_episodes: int = 0, seed_base: int = EVAL_SEED_BASE) -> dict[str, Any]:
         """Deterministic (mean-action) episodes on fixed evaluation layouts, then sampled-action ones.
 
         The sampled actions draw from their own generator seeded by (run seed, epoch), so evaluation
@@ -358,7 +363,7 @@ class Trainer:
         out: dict[str, Any] = {"returns": [], "costs": [], "s_returns": [], "s_costs": [], "pred": [], "real": []}
         for i in range(episodes + stochastic_episodes):
             sampled = i >= episodes
-            obs, _ = self.eval_env.reset(seed=EVAL_SEED_BASE + (i - episodes if sampled else i))
+            obs, _ = self.eval_env.reset(seed=seed_base + (i - episodes if sampled else i))
             ep_return, ep_cost = 0.0, np.zeros(self.config.num_constraints)
             discounted, discount = np.zeros(self.config.num_constraints), 1.0
             first = True
@@ -387,6 +392,63 @@ class Trainer:
                 out["returns"].append(ep_return)
                 out["costs"].append(ep_cost.tolist())
         return out
+
+    def validate(self, metrics: dict[str, Any]) -> None:
+        """Validation episodes for ``loop.select = "validated"``; keeps the better policy (cvpo/selection.py)."""
+        lp = self.config.loop
+        val = self.evaluate(lp.validation_episodes, 0, seed_base=VALIDATION_SEED_BASE)
+        limits = [float(x) for x in self.config.constraints.cost_limits]
+        cand = candidate(
+            self.epoch, self.env_steps, val["returns"], np.array(val["costs"]), limits, lp.validation_confidence
+        )
+        metrics.update(
+            {
+                "validation_return": cand["return"],
+                "validation_cost": cand["costs"][0],
+                "validation_costs": cand["costs"],
+                "validation_cost_bound": cand["cost_bounds"][0],
+                "validation_cost_bounds": cand["cost_bounds"],
+                "validation_admissible": cand["admissible"],
+            }
+        )
+        if better(cand, self.selected):
+            self.selected = cand
+            self.selected_snapshot = Snapshot(self.learner.actor, self.learner.cost_critic, self.normalizer)
+        metrics["selected"] = self.selected
+
+    @contextmanager
+    def serving(self, snapshot: Snapshot) -> Iterator[None]:
+        """Temporarily put a stored policy (actor, cost critic, normaliser) in place; restored exactly after."""
+        parts = (self.learner.actor, self.learner.cost_critic, self.normalizer)
+        live = Snapshot(*parts)
+        snapshot.apply(*parts)
+        if self.actor_snapshot is not None:
+            self.actor_snapshot.refresh()
+        try:
+            yield
+        finally:
+            live.apply(*parts)
+            if self.actor_snapshot is not None:
+                self.actor_snapshot.refresh()
+
+    def served_evaluation(self, metrics: dict[str, Any], evaluation: dict[str, Any]) -> None:
+        """On the last epoch: the evaluation-layout numbers of the policy the run hands out as ``policy/``."""
+        if self.selected_snapshot is not None and self.selected is not None and self.selected["epoch"] != self.epoch:
+            with self.serving(self.selected_snapshot):
+                evaluation = self.evaluate(self.config.loop.eval_episodes, 0)
+        if not evaluation["returns"]:
+            return
+        costs = np.array(evaluation["costs"])
+        limits = [float(x) for x in self.config.constraints.cost_limits]
+        metrics.update(
+            {
+                "served_epoch": self.selected["epoch"] if self.selected is not None else self.epoch,
+                "served_eval_return": float(np.mean(evaluation["returns"])),
+                "served_eval_cost": float(costs[:, 0].mean()),
+                "served_eval_costs": costs.mean(axis=0).tolist(),
+                "served_feasible": bool(all(c <= lim for c, lim in zip(costs.mean(axis=0), limits, strict=True))),
+            }
+        )
 
     def action_mean_std(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The policy's raw mean (d,) and scale factor L (d, d) at one observation, float64."""
@@ -507,6 +569,9 @@ class Trainer:
             state["rng.cuda"] = torch.cuda.get_rng_state_all()
         arrays = {f"buffer.{k}": v for k, v in self.buffer.state_dict(copy=False).items()}
         arrays.update({f"normalizer.{k}": v for k, v in self.normalizer.state_dict().items()})
+        if self.selected_snapshot is not None:
+            state["selected"] = self.selected_snapshot.tensors()
+            arrays.update({f"selected.normalizer.{k}": v for k, v in self.selected_snapshot.arrays().items()})
         meta = {
             "config": self.config.to_dict(),
             "config_hash": self.config.config_hash(),
@@ -521,6 +586,7 @@ class Trainer:
             "rng": {"numpy": self.rng.bit_generator.state, "python": random.getstate()},
             "epoch_stats": self.epoch_stats.to_dict(),
             "best": self.best,
+            "selected": self.selected,
             "wall_time_s": self.elapsed_before + (time.perf_counter() - self._t0),
         }
         return state, arrays, meta
@@ -535,7 +601,8 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         state, arrays, meta = load_checkpoint(path, map_location=str(self.device))
-        if meta["config_hash"] != self.config.config_hash():
+        # The stored config read with today's defaults: knobs added since it was written keep resume working.
+        if config_from_dict(meta["config"]).config_hash() != self.config.config_hash():
             raise ValueError(f"{path} was written with another config (hash {meta['config_hash'][:12]})")
         self.learner.load_state_dict(state)
         torch.set_rng_state(state["rng.torch"])
@@ -555,6 +622,12 @@ class Trainer:
         random.setstate((py[0], tuple(py[1]), py[2]))
         self.epoch_stats = EpochStats.from_dict(meta["epoch_stats"])
         self.best = meta["best"]
+        self.selected = meta.get("selected")
+        self.selected_snapshot = None
+        if "selected" in state:
+            prefix = "selected.normalizer."
+            norm = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+            self.selected_snapshot = Snapshot.from_parts(state["selected"], norm)
         self.elapsed_before = float(meta["wall_time_s"])
         self.margin_integral = np.asarray(meta.get("margin_integral", np.zeros(self.config.num_constraints)), float)
         self.learner.set_thresholds(self.thresholds(self.epoch))
@@ -661,6 +734,10 @@ class Trainer:
                 evaluation = self.evaluate(lp.eval_episodes, sampled)
                 self.phase = "training"
                 metrics = self.epoch_metrics(evaluation)
+                if lp.select == "validated":
+                    self.validate(metrics)
+                if self.env_steps >= total:
+                    self.served_evaluation(metrics, evaluation)
                 improved = self.update_best(metrics)
                 metrics["best"] = self.best
                 self.write_metrics(metrics)
@@ -687,8 +764,26 @@ class Trainer:
             self._tb.close()
         finished = self.env_steps >= total
         if finished:
-            self.write_policy("policy", last_metrics or self._last_saved_metrics())
+            final = last_metrics or self._last_saved_metrics()
+            if self.selected_snapshot is not None:
+                # The validated choice is what the run serves; the last epoch's policy stays beside it.
+                self.write_policy("final_policy", final)
+                with self.serving(self.selected_snapshot):
+                    self.write_policy("policy", self._served_summary(final))
+            else:
+                self.write_policy("policy", final)
         return TrainResult(self.run_dir, self.epoch, self.env_steps, not finished, last_metrics, self.best)
+
+    def _served_summary(self, final: dict[str, Any] | None) -> dict[str, Any]:
+        """policy.json's summary for a validated choice: its epoch and its evaluation-layout numbers."""
+        sel, final = self.selected or {}, final or {}
+        return {
+            "epoch": sel.get("epoch"),
+            "env_steps": sel.get("env_steps"),
+            "eval_return": final.get("served_eval_return"),
+            "eval_cost": final.get("served_eval_cost"),
+            "feasible": final.get("served_feasible"),
+        }
 
     def _last_saved_metrics(self) -> dict[str, Any] | None:
         path = self.run_dir / "metrics.jsonl"

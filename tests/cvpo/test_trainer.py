@@ -51,12 +51,15 @@ def tiny_train_args(cvpo: str, env_id: str, steps: int, run: Path, *sets: str) -
 
 # Every episode a mean-action probe driving the integral margin: its state must survive a resume too.
 MARGIN = {"constraints": {"margin": 0.1, "margin_control": "integral", "probe_every": 1, "margin_target": 0.5}}
+# Validated selection keeps a stored policy (actor, cost critic, normaliser) in the checkpoint.
+VALIDATED = {"loop": {**TINY["loop"], "select": "validated", "validation_episodes": 2}}
+VARIANTS = {"plain": {}, "margin": MARGIN, "validated": VALIDATED}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain", "margin"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path, variant: str) -> None:
-    config = resolve_config({**TINY, **(MARGIN if variant == "margin" else {})})
+    config = resolve_config({**TINY, **VARIANTS[variant]})
     whole = Trainer(config, tmp_path / "whole", quiet=True)
     result = whole.train()
     assert not result.stopped_early and result.env_steps == 1500 and result.epochs == 3
@@ -74,6 +77,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path, variant: s
     wa = (tmp_path / "whole" / "policy" / "policy.safetensors").read_bytes()
     wb = (tmp_path / "part" / "policy" / "policy.safetensors").read_bytes()
     assert wa == wb
+    if variant == "validated":  # the last epoch's policy is kept beside the validated choice
+        fa = (tmp_path / "whole" / "final_policy" / "policy.safetensors").read_bytes()
+        assert fa == (tmp_path / "part" / "final_policy" / "policy.safetensors").read_bytes()
 
     run = tmp_path / "whole"
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,env_steps")
@@ -313,3 +319,49 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "finished: 5000 env steps" in done.stdout
     assert (run / "policy" / "policy.json").is_file()
+
+
+@pytest.mark.slow
+def test_validated_selection_serves_the_chosen_epochs_policy(tmp_path: Path) -> None:
+    """policy/ holds the epoch that validation chose, exactly; the served numbers are that policy's."""
+    import torch
+
+    config = resolve_config({**TINY, **VALIDATED})
+    trainer = Trainer(config, tmp_path / "run", quiet=True)
+    kept: dict[int, tuple[dict, dict]] = {}
+
+    def keep(metrics: dict) -> None:
+        actor = {k: v.detach().clone() for k, v in trainer.learner.actor.state_dict().items()}
+        kept[metrics["epoch"]] = (actor, trainer.normalizer.state_dict())
+
+    trainer.on_epoch_end.append(keep)
+    trainer.train()
+    rows = metrics_without_timing(tmp_path / "run")
+    assert len(rows) == 3
+    for row in rows:
+        assert row["validation_cost_bound"] >= row["validation_cost"] >= 0
+        assert row["validation_admissible"] == (row["validation_cost_bound"] <= 25.0)
+    chosen = rows[-1]["selected"]
+    # The rule: the best admissible return, else the lowest bound (ties to the newer epoch).
+    admissible = [r for r in rows if r["validation_admissible"]]
+    if admissible:
+        expect = max(admissible, key=lambda r: (r["validation_return"], r["epoch"]))["epoch"]
+    else:
+        expect = min(rows, key=lambda r: (r["validation_cost_bound"], -r["epoch"]))["epoch"]
+    assert chosen["epoch"] == expect == rows[-1]["served_epoch"]
+    # Validation layouts are not the evaluation layouts.
+    assert [r["validation_return"] for r in rows] != [r["eval_return"] for r in rows]
+
+    policy = load_policy(tmp_path / "run" / "policy")
+    summary = json.loads((tmp_path / "run" / "policy" / "policy.json").read_text())["summary"]
+    assert summary["epoch"] == chosen["epoch"] and summary["eval_cost"] == rows[-1]["served_eval_cost"]
+    actor_state, norm_state = kept[chosen["epoch"]]
+    trainer.learner.actor.load_state_dict(actor_state)
+    trainer.normalizer.load_state_dict(norm_state)
+    obs = np.random.default_rng(1).normal(size=(8, trainer.env.obs_dim)) * 2
+    with torch.no_grad():
+        mean, _ = trainer.learner.actor(torch.as_tensor(trainer.normalizer.normalize(obs), dtype=torch.float32))
+    actions, _ = policy.act(obs)
+    np.testing.assert_allclose(actions, np.clip(mean.numpy().astype(np.float64), -1, 1), atol=1e-5)
+    if chosen["epoch"] == rows[-1]["epoch"]:
+        assert rows[-1]["served_eval_return"] == rows[-1]["eval_return"]
