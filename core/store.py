@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import secrets
 import shutil
 import time
@@ -194,6 +195,24 @@ tokens = sa.Table(
     sa.Column("client", sa.String(64), nullable=False),
     sa.Column("scopes", sa.JSON, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # Optional expiry (issue #23 item 9): past it the token is refused like a revoked one. Nullable:
+    # ``_migrate`` adds it to old stores, whose tokens never expire.
+    sa.Column("expires_at", sa.Float),
+)
+
+# Workers announce themselves here (issue #23 items 12 and 13): the API reads who is alive on which
+# queue and what each can run (``capabilities``: {"cuda": bool, "cuda_devices": int, ...}). The Celery
+# worker's main process registers at start, renews ``seen_at`` every CVPO_HEARTBEAT_S and sets
+# ``stopped_at`` on a graceful stop; a killed one just stops being seen.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),  # host:pid, the prefix of its jobs' lease owners
+    sa.Column("queue", sa.String(200), nullable=False, index=True),
+    sa.Column("capabilities", sa.JSON, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("seen_at", sa.Float, nullable=False),
+    sa.Column("stopped_at", sa.Float),
 )
 
 kv = sa.Table(
@@ -204,6 +223,7 @@ kv = sa.Table(
 )
 
 EVENTS_KEPT = 10_000
+WORKERS_KEPT_S = 7 * 24 * 3600  # worker records unseen this long are dropped
 IDEMPOTENCY_TTL_S = 24 * 3600
 
 
@@ -492,8 +512,11 @@ class Store:
 
     # ------------------------------------------------------------------ tokens
 
-    def ensure_token(self, raw: str, name: str, scopes: Iterable[str], client: str | None = None) -> str:
-        """Register a token (idempotent); returns its id. Only the SHA-256 is stored."""
+    def ensure_token(
+        self, raw: str, name: str, scopes: Iterable[str], client: str | None = None, expires_at: float | None = None
+    ) -> str:
+        """Register a token (idempotent); returns its id. Only the SHA-256 is stored. ``expires_at``
+        (epoch seconds) applies to a new token; None never expires."""
         digest = hash_token(raw)
         with self.tx() as c:
             row = c.execute(sa.select(tokens.c.id).where(tokens.c.sha256 == digest)).first()
@@ -509,6 +532,7 @@ class Store:
                     client=client or tid,
                     scopes=sorted(scopes),
                     created_at=time.time(),
+                    expires_at=expires_at,
                 )
             )
             return tid
@@ -521,8 +545,13 @@ class Store:
             c.execute(tokens.delete().where(tokens.c.name.in_(list(previous_names)), tokens.c.sha256 != digest))
         return self.ensure_token(raw, name, ["admin"], client=client)
 
-    def create_token(self, name: str, scopes: Iterable[str], client: str | None = None) -> tuple[str, str]:
-        """A new random token; ``client`` defaults to the token's own id (a client of its own)."""
+    def create_token(
+        self, name: str, scopes: Iterable[str], client: str | None = None, expires_at: float | None = None
+    ) -> tuple[str, str]:
+        """A new random token; ``client`` defaults to the token's own id (a client of its own).
+        ``expires_at`` (epoch seconds, in the future) makes it stop working then, like a revoked one."""
+        if expires_at is not None and not (math.isfinite(expires_at) and expires_at > time.time()):
+            raise ValueError("the expiry must be a finite time in the future")
         scopes = list(scopes)
         unknown = set(scopes) - set(SCOPES)
         if unknown or not scopes:
@@ -530,13 +559,22 @@ class Store:
         if client is not None and not client.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"client {client!r}: use letters, digits, '-' and '_'")
         raw = secrets.token_urlsafe(32)
-        return self.ensure_token(raw, name, scopes, client), raw
+        return self.ensure_token(raw, name, scopes, client, expires_at), raw
 
     def list_tokens(self) -> list[dict[str, Any]]:
         with self._read() as c:
             rows = c.execute(sa.select(tokens).order_by(tokens.c.created_at)).all()
+        now = time.time()
         return [
-            {"id": r.id, "name": r.name, "client": r.client, "scopes": r.scopes, "created_at": rfc3339(r.created_at)}
+            {
+                "id": r.id,
+                "name": r.name,
+                "client": r.client,
+                "scopes": r.scopes,
+                "created_at": rfc3339(r.created_at),
+                "expires_at": rfc3339(r.expires_at),
+                "expired": r.expires_at is not None and r.expires_at <= now,
+            }
             for r in rows
         ]
 
@@ -546,7 +584,10 @@ class Store:
 
     def lookup_token(self, digest: str) -> Principal | None:
         with self._read() as c:
-            row = c.execute(sa.select(tokens).where(tokens.c.sha256 == digest)).first()
+            # An expired token is no principal, exactly like a revoked one (issue #23 item 9). The API's
+            # token cache (api/auth.py) may keep an earlier hit for its short TTL past the expiry.
+            unexpired = sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > time.time())
+            row = c.execute(sa.select(tokens).where(tokens.c.sha256 == digest, unexpired)).first()
         return Principal(row.client, frozenset(row.scopes)) if row else None
 
     # ------------------------------------------------------------------ events
@@ -915,6 +956,105 @@ class Store:
                 .where(jobs.c.status.in_(("starting", "running")), jobs.c.lease_owner.like(f"{owner_prefix}%"))
                 .values(requeue_requested=True)
             ).rowcount
+
+    # ------------------------------------------------------------------ workers and the queue (issue #23 items 12, 13)
+
+    def register_worker(self, worker_id: str, queue: str, capabilities: dict[str, Any]) -> None:
+        """Announce a worker and what it can run (``{"cuda": bool, ...}``), so the API can refuse a job no
+        live worker could run and tell a queued job whether anyone is there to take it. An upsert:
+        a restarted worker with the same id is live again. Records unseen for a week are dropped."""
+        now = time.time()
+        values = {"queue": queue, "capabilities": capabilities, "seen_at": now, "stopped_at": None}
+        with self.tx() as c:
+            c.execute(workers.delete().where(workers.c.seen_at < now - WORKERS_KEPT_S))
+            if c.execute(workers.update().where(workers.c.id == worker_id).values(**values)).rowcount == 0:
+                c.execute(workers.insert().values(id=worker_id, started_at=now, **values))
+
+    def worker_seen(self, worker_id: str) -> bool:
+        """Renew a live worker's ``seen_at``; False when it has no record (dropped): register again."""
+        with self.tx() as c:
+            return (
+                c.execute(
+                    workers.update()
+                    .where(workers.c.id == worker_id, workers.c.stopped_at.is_(None))
+                    .values(seen_at=time.time())
+                ).rowcount
+                == 1
+            )
+
+    def worker_stopped(self, worker_id: str) -> None:
+        """A graceful stop: the worker is no longer live at once (a killed one ages out instead)."""
+        now = time.time()
+        with self.tx() as c:
+            c.execute(workers.update().where(workers.c.id == worker_id).values(seen_at=now, stopped_at=now))
+
+    def get_worker(self, worker_id: str) -> dict[str, Any] | None:
+        with self._read() as c:
+            row = c.execute(sa.select(workers).where(workers.c.id == worker_id)).first()
+        return dict(row._mapping) if row else None
+
+    def live_workers(self, queue: str, stale_after_s: float, now: float | None = None) -> list[dict[str, Any]]:
+        """Workers consuming ``queue`` that renewed their record within ``stale_after_s`` and did not stop."""
+        now = time.time() if now is None else now
+        with self._read() as c:
+            rows = c.execute(
+                sa.select(workers).where(
+                    workers.c.queue == queue, workers.c.stopped_at.is_(None), workers.c.seen_at >= now - stale_after_s
+                )
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    def worker_summary(self, queue: str, stale_after_s: float, now: float | None = None) -> dict[str, Any]:
+        """Who is there to run ``queue``'s jobs: live workers, how many have CUDA, when any worker was last
+        seen and, when none is live, for how long (None: a live one, or none ever registered). Cheap
+        enough for a probe: ``/readyz`` may show it next to ``GET /jobs/{id}``'s ``queue`` block."""
+        now = time.time() if now is None else now
+        with self._read() as c:
+            rows = c.execute(sa.select(workers).where(workers.c.queue == queue)).all()
+        live = [r for r in rows if r.stopped_at is None and r.seen_at >= now - stale_after_s]
+        last_seen = max((r.seen_at for r in rows), default=None)
+        return {
+            "queue": queue,
+            "workers": len(live),
+            "cuda_workers": sum(1 for r in live if (r.capabilities or {}).get("cuda")),
+            "workers_seen_at": rfc3339(last_seen),
+            "no_worker_for_s": None if live or last_seen is None else round(max(now - last_seen, 0.0), 3),
+            "ever_seen": last_seen is not None,
+        }
+
+    def queue_position(self, job: JobRecord) -> dict[str, int] | None:
+        """Where a queued job stands: jobs are taken in the order they were handed to the broker
+        (``enqueued_at``), those still in the outbox after them by creation. None unless queued."""
+        if job.status != "queued":
+            return None
+        queued = jobs.c.status == "queued"
+        if job.enqueued_at is None:
+            before = sa.or_(jobs.c.enqueued_at.is_not(None), jobs.c.seq < job.seq)
+        else:
+            before = sa.and_(
+                jobs.c.enqueued_at.is_not(None),
+                sa.or_(
+                    jobs.c.enqueued_at < job.enqueued_at,
+                    sa.and_(jobs.c.enqueued_at == job.enqueued_at, jobs.c.seq < job.seq),
+                ),
+            )
+        with self._read() as c:
+            ahead = c.execute(sa.select(sa.func.count()).where(queued, before, jobs.c.id != job.id)).scalar_one()
+            running = c.execute(sa.select(sa.func.count()).where(jobs.c.status.in_(LEASED))).scalar_one()
+        return {"position": ahead + 1, "ahead": ahead, "running": running}
+
+    def hand_back(self, job_id: str, attempt: int) -> bool:
+        """A worker that cannot run this queued attempt (no CUDA) leaves it unclaimed and back in the outbox:
+        the reconciler sends it again after CVPO_OUTBOX_GRACE_S, for a worker that can."""
+        with self.tx() as c:
+            return (
+                c.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, jobs.c.attempt == attempt, jobs.c.status == "queued")
+                    .values(enqueued_at=None, updated_at=time.time())
+                ).rowcount
+                == 1
+            )
 
     # ------------------------------------------------------------------ reconciler queries
 

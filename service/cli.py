@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 
 from cvpo.cli import CliError, build_parser
@@ -49,6 +50,14 @@ def add_service_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="the client whose jobs and policies the token sees (default: a new client of its own); "
         "'admin' shares the bootstrap token's",
     )
+    t.add_argument(
+        "--expires-in",
+        type=parse_duration,
+        metavar="DURATION",
+        help="make the token stop working after this long, like a revoked one: seconds, or a number "
+        "with s, m, h or d (e.g. 90m, 12h, 30d); default: never. API processes may accept it for up "
+        "to their token cache's few seconds past the expiry",
+    )
     tsub.add_parser("list", help="list tokens (ids, names, scopes; never the secrets)")
     t = tsub.add_parser("revoke", help="delete a token; API processes stop accepting it within 5 s")
     t.add_argument("token_id")
@@ -56,20 +65,45 @@ def add_service_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def parse_duration(text: str) -> float:
+    """'3600', '90m', '12h', '30d' → seconds (> 0, at most 100 years): argparse's type for --expires-in."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:])
+    number = raw[:-1] if scale is not None else raw
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use seconds or a number with s, m, h or d (e.g. 30d)") from None
+    if not 0 < seconds <= 100 * 365 * 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: the duration must be positive and at most 100 years")
+    return seconds
+
+
 def cmd_tokens(args: argparse.Namespace) -> int:
     from core.settings import Settings
-    from core.store import Store
+    from core.store import Store, rfc3339
 
     settings = Settings.from_env()
     store = Store(settings.resolved_database_url, settings.data_dir)
     if args.action == "create":
         scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
-        token_id, raw = store.create_token(args.name, scopes, args.client)
+        expires_at = time.time() + args.expires_in if args.expires_in is not None else None
+        try:
+            token_id, raw = store.create_token(args.name, scopes, args.client, expires_at=expires_at)
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
         print(f"{token_id} {raw}")
+        if expires_at is not None:
+            print(f"expires {rfc3339(expires_at)}", file=sys.stderr)
         print("store the token now: it is not shown again", file=sys.stderr)
     elif args.action == "list":
         for t in store.list_tokens():
-            print(f"{t['id']}  {t['name']:<24}  {t['client']:<22}  {','.join(t['scopes']):<40}  {t['created_at']}")
+            expiry = "expired" if t["expired"] else f"expires {t['expires_at']}" if t["expires_at"] else "no expiry"
+            print(
+                f"{t['id']}  {t['name']:<24}  {t['client']:<22}  {','.join(t['scopes']):<40}  {t['created_at']}  "
+                f"{expiry}"
+            )
     elif not store.revoke_token(args.token_id):
         raise CliError(f"no token {args.token_id!r} (see `cvpo tokens list`)")
     return 0
