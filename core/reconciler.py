@@ -7,10 +7,12 @@
 | cancelling, lease expired | cancelled (last checkpoint kept) |
 | queued and unsent (or sent long ago) | sent |
 | Redis run_id changed | every queued job sent again; duplicates fail the claim |
+| queued, sent before the grace, message no longer in the broker (purged) | sent again |
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -21,6 +23,34 @@ from core.store import Store
 log = logging.getLogger("cvpo.reconciler")
 
 RUN_ID_KEY = "broker_run_id"
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue name + sep + priority, for priorities 3, 6, 9
+
+
+def _held_task_ids(queue: JobQueue) -> set[str] | None:
+    """Task ids of the messages Redis still holds for ``queue``: waiting in the list (and its
+    priority lists) or delivered and not yet acked. None when the broker cannot be read.
+
+    The list is read before the unacked hash, so a message moving between them is seen at least once
+    in the common case; one missed in that instant is sent twice and its duplicate fails the claim."""
+    try:
+        with queue._redis() as r:
+            raw: list[bytes] = []
+            for name in (queue.queue, *(f"{queue.queue}{PRIORITY_SEP}{p}" for p in (3, 6, 9))):
+                raw.extend(r.lrange(name, 0, -1))
+            held = {_task_id(m) for m in raw}
+            held |= {_task_id(v, unacked=True) for v in r.hvals("unacked")}
+    except Exception as exc:
+        log.warning("could not read the broker's queue: %s", exc)
+        return None
+    return held
+
+
+def _task_id(raw: bytes, unacked: bool = False) -> str:
+    try:
+        msg = json.loads(raw)
+        return str((msg[0] if unacked else msg)["headers"]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
 
 
 def reconcile(store: Store, queue: JobQueue, outbox_grace_s: float = 30.0, now: float | None = None) -> dict[str, Any]:
@@ -61,6 +91,16 @@ def reconcile(store: Store, queue: JobQueue, outbox_grace_s: float = 30.0, now: 
             store.set_kv(RUN_ID_KEY, run_id)
     # Unsent jobs older than the grace period (younger ones are being sent by the API right now).
     todo = store.queued_jobs() if resend_all else store.unsent(created_before=time.time() - outbox_grace_s)
+    if not resend_all:
+        # Sent, but the broker lost the message (a purge, a restart without AOF whose run_id we missed).
+        sent_before = time.time() - outbox_grace_s
+        sent = [j for j in store.queued_jobs() if j.enqueued_at is not None and j.enqueued_at <= sent_before]
+        held = _held_task_ids(queue) if sent else None
+        if held is not None:
+            lost = [j for j in sent if f"{j.id}:{j.attempt}" not in held]
+            if lost:
+                log.warning("the broker lost %d queued job(s); re-sending them", len(lost))
+            todo += lost
     for job in todo:
         if queue.send(job):
             report["sent"].append(job.id)
