@@ -447,6 +447,13 @@ def collect_rows(grid: Grid, runs: list[Run], previous: list[dict[str, Any]] | N
                     "updates": m.get("updates"),
                     "wall_time_s": m.get("wall_time_s"),
                     "run_finished": finished,
+                    # Last epoch only: the evaluation-layout numbers of the policy the run serves
+                    # (the last epoch's, or the one loop.select = "validated" chose, at served_epoch).
+                    "served_epoch": m.get("served_epoch"),
+                    "served_eval_return": m.get("served_eval_return"),
+                    "served_eval_cost": m.get("served_eval_cost"),
+                    "validation_return": m.get("validation_return"),
+                    "validation_cost_bound": m.get("validation_cost_bound"),
                     **{key: m.get(source) for key, source in TRUST_KEYS.items()},
                 }
             )
@@ -467,6 +474,18 @@ TRUST_KEYS = {
 }
 
 
+def _served(row: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's final row with eval_return/eval_cost of the policy it serves.
+
+    Engines before ``served_eval_*`` existed served the last epoch, whose numbers the row already has.
+    The last epoch's own numbers stay as ``last_epoch_eval_*``.
+    """
+    out = {**row, "last_epoch_eval_return": row["eval_return"], "last_epoch_eval_cost": row["eval_cost"]}
+    if row.get("served_eval_return") is not None:
+        out["eval_return"], out["eval_cost"] = row["served_eval_return"], row["served_eval_cost"]
+    return out
+
+
 def _ci(values: list[float]) -> dict[str, Any]:
     mean, low, high = bootstrap_ci(values, CONFIDENCE, N_RESAMPLES)
     return {"mean": mean, "ci_low": low, "ci_high": high, "per_seed": values}
@@ -482,7 +501,7 @@ def summarize(grid: Grid, runs: list[Run], rows: list[dict[str, Any]]) -> dict[s
             mine = [row for row in rows if row["task"] == task and row["seed"] == run.seed]
             started += bool(mine)
             if mine and mine[-1]["run_finished"] and mine[-1]["eval_return"] is not None:
-                finals.append(mine[-1])
+                finals.append(_served(mine[-1]))
         entry: dict[str, Any] = {
             "seeds_planned": [r.seed for r in task_runs],
             "seeds_started": started,
@@ -496,12 +515,16 @@ def summarize(grid: Grid, runs: list[Run], rows: list[dict[str, Any]]) -> dict[s
         }
         if finals:
             costs = [f["eval_cost"] for f in finals]
+            served_epochs = [f.get("served_epoch") for f in finals]
             walls = [f["wall_time_s"] for f in finals]
             steps = [f["env_steps"] for f in finals]
             entry.update(
                 {
                     "eval_return": _ci([f["eval_return"] for f in finals]),
                     "eval_cost": _ci(costs),
+                    "last_epoch_eval_return": _ci([f["last_epoch_eval_return"] for f in finals]),
+                    "last_epoch_eval_cost": _ci([f["last_epoch_eval_cost"] for f in finals]),
+                    "served_epochs": served_epochs,
                     "train_return": _ci([f["train_return"] for f in finals if f["train_return"] is not None]),
                     "train_cost": _ci([f["train_cost"] for f in finals if f["train_cost"] is not None]),
                     "lambda": _ci([f["lambda"] for f in finals if f["lambda"] is not None]),
@@ -524,7 +547,10 @@ def summarize(grid: Grid, runs: list[Run], rows: list[dict[str, Any]]) -> dict[s
         "grid_file": grid.raw,
         "confidence": CONFIDENCE,
         "n_resamples": N_RESAMPLES,
-        "final": "last epoch of each finished seed: deterministic eval episodes on fixed eval layouts",
+        "final": (
+            "the policy each finished seed serves (its last epoch's, or with loop.select = validated the"
+            " epoch chosen on validation layouts): deterministic eval episodes on fixed eval layouts"
+        ),
         "runs": {
             "planned": len(runs),
             "finished": len({(r["task"], r["seed"]) for r in rows if r["run_finished"]}),
