@@ -13,7 +13,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-__all__ = ["curriculum_threshold", "per_step_threshold"]
+__all__ = ["curriculum_factor", "curriculum_limits", "curriculum_threshold", "per_step_threshold"]
 
 
 def _as_limits(name: str, value: float | Sequence[float]) -> np.ndarray:
@@ -67,6 +67,21 @@ def per_step_threshold(cost_limit: float | Sequence[float], horizon: int, gamma:
     return limits * factor
 
 
+def curriculum_factor(epoch: int, decay_epochs: int) -> float:
+    """The curriculum's law, its one home: exp(−5e/E_decay) for e < E_decay, then 0 (§1.2)."""
+    e = _check_int("epoch", epoch, 0)
+    E = _check_int("decay_epochs", decay_epochs, 0)
+    return math.exp(-5.0 * e / E) if e < E else 0.0
+
+
+def curriculum_limits(epoch: int, start_limit: float, end_limits: Sequence[float], decay_epochs: int) -> list[float]:
+    """The episodic limits in force at ``epoch`` (for reporting): C_end + (C_start − C_end)·factor."""
+    if decay_epochs <= 0 or epoch >= decay_epochs:
+        return [float(c) for c in end_limits]
+    f = curriculum_factor(epoch, decay_epochs)
+    return [c + (start_limit - c) * f for c in end_limits]
+
+
 def curriculum_threshold(
     epoch: int,
     start_limit: float | Sequence[float],
@@ -101,7 +116,7 @@ def curriculum_threshold(
         ) from None
     if e >= E:
         return np.array(end, dtype=np.float64)
-    f = math.exp(-5.0 * e / E)
+    f = curriculum_factor(e, E)
     finite = np.isfinite(start) & np.isfinite(end)
     # An infinite endpoint (unconstrained) makes the blend infinite; avoid inf − inf = NaN.
     return np.where(finite, end + (np.where(finite, start, 0.0) - np.where(finite, end, 0.0)) * f, np.inf)

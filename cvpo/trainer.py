@@ -32,7 +32,7 @@ from cvpo.learner import Learner, MinibatchTensors, sample_actions
 from cvpo.nets import ActorSnapshot
 from cvpo.runtime import keep_freed_memory
 from cvpo.selection import VALIDATION_SEED_BASE, Snapshot, better, candidate
-from cvpo.thresholds import curriculum_threshold, per_step_threshold
+from cvpo.thresholds import curriculum_limits, curriculum_threshold, per_step_threshold
 
 EVAL_SEED_BASE = 1_000_003  # evaluation layouts: the same episodes every epoch, apart from training's
 # Metrics that legitimately differ between two runs of the same seed (wall clock).
@@ -218,10 +218,9 @@ class Trainer:
     def current_limits(self, epoch: int) -> list[float]:
         """Episodic limits in force at ``epoch`` (the curriculum's, converted back for reporting)."""
         c = self.config.constraints
-        if c.curriculum_epochs > 0 and c.curriculum_start is not None and epoch < c.curriculum_epochs:
-            frac = math.exp(-5.0 * epoch / c.curriculum_epochs)
-            return [lim + (c.curriculum_start - lim) * frac for lim in c.cost_limits]
-        return list(c.cost_limits)
+        if c.curriculum_start is None:
+            return list(c.cost_limits)
+        return curriculum_limits(epoch, c.curriculum_start, c.cost_limits, c.curriculum_epochs)
 
     def costs_of(self, cost: float, info: dict[str, Any]) -> np.ndarray:
         signals = self.config.constraints.cost_signals or ("cost",) * self.config.num_constraints

@@ -132,3 +132,17 @@ def test_curriculum_per_constraint_and_unconstrained() -> None:
 def test_curriculum_invalid_arguments(epoch: int, decay: int, bad: str) -> None:
     with pytest.raises(ValueError, match=bad):
         curriculum_threshold(epoch, 300.0, 10.0, decay, 400, 0.99)
+
+
+def test_curriculum_limits_follow_the_same_law_as_the_thresholds() -> None:
+    """The reported episodic limits and the E-step thresholds come from one law (curriculum_factor)."""
+    from cvpo.thresholds import curriculum_factor, curriculum_limits
+
+    for e in range(0, 12):
+        limits = curriculum_limits(e, 100.0, [25.0, 10.0], 10)
+        np.testing.assert_allclose(
+            per_step_threshold(limits, 500, 0.99), curriculum_threshold(e, 100.0, [25.0, 10.0], 10, 500, 0.99)
+        )
+    assert curriculum_limits(10, 100.0, [25.0], 10) == [25.0] and curriculum_factor(10, 10) == 0.0
+    assert curriculum_limits(0, 100.0, [25.0], 10) == [100.0]
+    assert curriculum_limits(3, 100.0, [25.0], 0) == [25.0]
