@@ -20,7 +20,9 @@ from starlette.routing import Route, Router
 from api.act import PolicyCache
 from api.auth import TokenCache, bootstrap_admin_token
 from api.errors import guarded, install_handlers
+from api.hosts import LoopbackOnlyMiddleware, is_loopback
 from api.middleware import LimitsMiddleware
+from core.datadir import prepare_data_dir
 from core.settings import Settings
 from core.store import Store
 
@@ -50,12 +52,15 @@ async def _reconcile_forever(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    if not settings.auth and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError("CVPO_AUTH=off is only allowed when the API binds to a loopback address")
+    # ``settings.host`` is the address the listening socket is bound to when ``cvpo api`` starts the
+    # app (service.launcher.run_api binds first, then builds the app from getsockname()); an app
+    # started some other way is still held to loopback per connection by LoopbackOnlyMiddleware.
+    if not settings.auth and not is_loopback(settings.host):
+        raise ValueError(f"CVPO_AUTH=off is only allowed when the API binds to a loopback address, not {settings.host}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings)
         store = Store(settings.resolved_database_url, settings.data_dir)
         app.state.store = store
         app.state.tokens = TokenCache(store)
@@ -111,4 +116,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_inflight=settings.max_inflight,
         act_app=act_app,
     )
+    if not settings.auth:  # outermost: nothing runs for a foreign Host or a non-loopback connection
+        app.add_middleware(LoopbackOnlyMiddleware, allowed_hosts=settings.allowed_hosts)
     return app

@@ -67,6 +67,15 @@ class Settings:
     # and /docs are public too: the schema holds no data).
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/livez", "/readyz"}))
 
+    # Deployment hardening (issue #23 items 7, 8 and 15). CVPO_ALLOWED_HOSTS: Host headers served
+    # while CVPO_AUTH=off (against DNS rebinding; "*" = any). CVPO_CELERY_REMOTE_CONTROL=on: workers
+    # answer Celery's broadcast commands (off: nobody with broker access can shut them down or
+    # inspect them). CVPO_RESTART_BACKOFF_MAX_S: cvpo serve restarts a dead child after 1 s,
+    # doubling per quick death up to this.
+    allowed_hosts: frozenset[str] = frozenset({"localhost", "127.0.0.1", "::1"})  # CVPO_ALLOWED_HOSTS
+    celery_remote_control: bool = False  # CVPO_CELERY_REMOTE_CONTROL
+    restart_backoff_max_s: float = 30.0  # CVPO_RESTART_BACKOFF_MAX_S
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'cvpo.db').resolve()}"
@@ -115,4 +124,10 @@ class Settings:
             ),
             certify_candidates=int(_num(env, "CVPO_CERTIFY_CANDIDATES", d.certify_candidates, int, 0)),
             public_paths=frozenset(public),
+            allowed_hosts=frozenset(
+                h.strip().lower() for h in env.get("CVPO_ALLOWED_HOSTS", "").split(",") if h.strip()
+            )
+            or d.allowed_hosts,
+            celery_remote_control=env.get("CVPO_CELERY_REMOTE_CONTROL", "off").strip().lower() in ("on", "1", "true"),
+            restart_backoff_max_s=_num(env, "CVPO_RESTART_BACKOFF_MAX_S", d.restart_backoff_max_s, float, 1),
         )

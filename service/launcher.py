@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.datadir import prepare_data_dir, private_dir
 from core.settings import Settings
 
 STOP_GRACE_S = 120.0
@@ -45,8 +46,7 @@ def redis_command(data_dir: Path, port: int) -> list[str]:
     exe = shutil.which("redis-server")
     if exe is None:
         raise ServiceError("redis-server is not installed (apt-get install redis-server), or set REDIS_URL")
-    redis_dir = data_dir / "redis"
-    redis_dir.mkdir(parents=True, exist_ok=True)
+    redis_dir = private_dir(data_dir / "redis")
     return [
         exe,
         "--port", str(port),
@@ -94,20 +94,49 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
     """Run one Celery worker in this process (blocks). CUDA is picked per job inside the child."""
     from core.celery_app import app  # built from the same environment as ``settings``
 
+    prepare_data_dir(settings)
+
     app.worker_main(worker_argv(settings, loglevel))
     return 0
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound here so the app is built knowing the address it really
+    serves (a name such as ``localhost`` resolved, 0.0.0.0 seen as what it is)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+            0
+        ]
+    except socket.gaierror as exc:
+        raise ServiceError(f"cannot resolve the bind address {host!r}: {exc}") from exc
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ServiceError(f"cannot bind {host}:{port} ({exc.strerror}); set CVPO_PORT or --port") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_api(settings: Settings, loglevel: str = "info") -> int:
+    """Bind, build the app from the bound address (CVPO_AUTH=off is refused off loopback), serve."""
     import uvicorn
 
+    from api.app import create_app
     from api.shedding import shedding_protocol
 
-    uvicorn.run(
-        "api.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
+    prepare_data_dir(settings)
+    sock = bind_socket(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    try:
+        app = create_app(settings.with_(host=host, port=port))
+    except ValueError as exc:
+        sock.close()
+        raise ServiceError(str(exc)) from exc
+    config = uvicorn.Config(
+        app,
         workers=1,
         # Over-cap /act requests and connections past the limit are answered before the app. No
         # uvicorn limit_concurrency: it counts idle keep-alive connections too, and past it answered
@@ -116,16 +145,19 @@ def run_api(settings: Settings, loglevel: str = "info") -> int:
         log_level=loglevel,
         timeout_graceful_shutdown=10,
     )
-    return 0
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0 if server.started else 3  # uvicorn's own exit status for a failed startup
 
 
 def serve(settings: Settings) -> int:
     """Start Redis (unless REDIS_URL is set), one worker and the API; stop them all on SIGTERM/SIGINT."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings)
     if not port_is_free(settings.host, settings.port):
         raise ServiceError(f"port {settings.port} on {settings.host} is in use; set CVPO_PORT")
     env = dict(os.environ)
     env["CVPO_DATA_DIR"] = str(settings.data_dir.resolve())
+    env["CVPO_HOST"], env["CVPO_PORT"] = settings.host, str(settings.port)  # --host/--port reach the API
     children: list[tuple[str, subprocess.Popen]] = []
     if "REDIS_URL" not in os.environ:
         port = 6379 if port_is_free("127.0.0.1", 6379) else free_port()
@@ -136,7 +168,7 @@ def serve(settings: Settings) -> int:
     cli = [sys.executable, "-m", "service.cli"]
     worker = subprocess.Popen([*cli, "worker"], env=env)
     children.append(("worker", worker))
-    api = subprocess.Popen([*cli, "api"], env=env)
+    api = subprocess.Popen([*cli, "api", "--host", settings.host, "--port", str(settings.port)], env=env)
     children.append(("api", api))
 
     stopping = False
