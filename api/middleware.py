@@ -5,6 +5,12 @@
   deadlines; queueing them helps nobody). Health probes and job event streams are not counted.
 - A byte limit counted while the body streams (chunked bodies too) → 413, 8 MiB on ``/act``,
   1 MiB elsewhere; JSON-only bodies → 415 for another Content-Type.
+- Authentication on the headers before any body is read (issue #23 item 1): a request with a body,
+  or with an ``Authorization`` header, and no valid token is a 401 and its connection is closed; the
+  body of a stranger is never read. A body must arrive within ``CVPO_BODY_TIMEOUT_S`` (then 408,
+  connection closed). A request counts against the in-flight cap only once its body is in: two
+  clients trickling bodies used to hold both slots of ``CVPO_MAX_INFLIGHT=2`` and every ``/act``
+  was shed while they did.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import authenticate_headers
 from api.errors import Problem, problem_response
 
 HEALTH = ("/livez", "/readyz")
@@ -38,6 +45,18 @@ class OpenStreams:
     """Job event streams open in this process (api/shedding.py subtracts them from uvicorn's tasks)."""
 
     count = 0
+
+
+class Pending:
+    """Requests still authenticating or receiving their body: not yet counted against the in-flight
+    cap (api/shedding.py subtracts them from uvicorn's tasks too), so slow senders cannot fill it."""
+
+    count = 0
+
+
+BODY_METHODS = ("POST", "PUT", "PATCH")
+TIMEOUT_TYPE = "/problems/request-timeout"
+CLOSE = {"Connection": "close"}  # uvicorn closes the connection after a response carrying it
 
 
 class LimitsMiddleware:
@@ -86,6 +105,23 @@ class LimitsMiddleware:
             finally:
                 OpenStreams.count -= 1
             return
+        has_body = scope["method"] in BODY_METHODS
+        body = b""
+        if has_body or b"authorization" in headers:
+            # Headers first: who is asking, before a byte of the body is read or a slot is taken.
+            Pending.count += 1
+            try:
+                problem = await self._authenticate(scope, headers)
+                if problem is None and has_body:
+                    limit = self.act_body_limit if is_act_path(path) else self.body_limit
+                    body, problem = await self._read_body(headers, receive, limit, _body_timeout(scope))
+                    if problem is None and body and not _is_json(headers.get(b"content-type", b"")):
+                        problem = Problem(415, "send the body as application/json")
+            finally:
+                Pending.count -= 1
+            if problem is not None:
+                await self._problem(scope, send_with_id, problem)
+                return
         if self.inflight >= self.max_inflight:
             await self._problem(scope, send_with_id, BUSY)
             return
@@ -96,14 +132,7 @@ class LimitsMiddleware:
             # each ran to completion alone, the count never passed 1, and the cap never saw the
             # requests queued behind it (bench/overload.py: no 503 at any load, seconds of queueing).
             await asyncio.sleep(0)
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                limit = self.act_body_limit if is_act_path(path) else self.body_limit
-                body, problem = await self._read_body(headers, receive, limit)
-                if problem is None and body and not _is_json(headers.get(b"content-type", b"")):
-                    problem = Problem(415, "send the body as application/json")
-                if problem is not None:
-                    await self._problem(scope, send_with_id, problem)
-                    return
+            if has_body:
                 receive = _replay(body, receive)
                 if self.act_app is not None and is_act_path(path):
                     await self.act_app(scope, receive, send_with_id)
@@ -112,8 +141,26 @@ class LimitsMiddleware:
         finally:
             self.inflight -= 1
 
+    async def _authenticate(self, scope: Scope, headers: dict[bytes, bytes]) -> Problem | None:
+        """Resolve the bearer token from the headers alone; the Principal goes to the routes in
+        ``scope["state"]`` (api/auth.py ``authenticate``), a failure is a 401 that closes the connection."""
+        app = scope.get("app")
+        if app is None:  # not under Starlette: the routes authenticate
+            return None
+        raw = headers.get(b"authorization")
+        try:
+            principal = await authenticate_headers(
+                app.state, scope["path"], None if raw is None else raw.decode("latin-1")
+            )
+        except Problem as problem:
+            if problem.status == 401:
+                problem.headers.update(CLOSE)
+            return problem
+        scope["state"]["principal"] = principal
+        return None
+
     async def _read_body(
-        self, headers: dict[bytes, bytes], receive: Receive, limit: int
+        self, headers: dict[bytes, bytes], receive: Receive, limit: int, timeout_s: float
     ) -> tuple[bytes, Problem | None]:
         too_big = Problem(413, f"request body over the {limit}-byte limit")
         declared = headers.get(b"content-length")
@@ -125,17 +172,22 @@ class LimitsMiddleware:
                 return b"", Problem(400, "malformed Content-Length header")
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return b"", too_big
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        break
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        return b"", too_big
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            detail = f"the request body did not arrive within {timeout_s:g} s"
+            return b"", Problem(408, detail, type=TIMEOUT_TYPE, title="Request timeout", headers=dict(CLOSE))
         return b"".join(chunks), None
 
     async def _problem(self, scope: Scope, send: Send, problem: Problem) -> None:
@@ -157,6 +209,11 @@ def is_stream_path(path: str) -> bool:
     """Exactly ``/jobs/{one segment}/events``, the server-sent event stream of a job."""
     parts = path.split("/")
     return len(parts) == 4 and parts[1] == "jobs" and parts[2] != "" and parts[3] == "events"
+
+
+def _body_timeout(scope: Scope) -> float:
+    app = scope.get("app")
+    return float(getattr(app.state.settings, "body_timeout_s", 30.0)) if app is not None else 30.0
 
 
 def _is_json(content_type: bytes) -> bool:

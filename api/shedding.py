@@ -20,12 +20,21 @@ connection opened while that many were already open, health probes excepted, get
 ``Retry-After: 1`` and the connection is closed. This replaces uvicorn's ``limit_concurrency``,
 which counts idle keep-alive connections with the requests, so that a few dozen connected
 controllers made it answer every request with a bare text 503 without Retry-After.
+
+Idle and slow connections (issue #23 item 2): a request's headers must be complete within
+``header_timeout_s`` (CVPO_HEADER_TIMEOUT_S) of the connection opening or of the previous response;
+otherwise the connection is closed (after a 408 if part of a request had come). Sockets that never
+send a request used to hold their slot for ever, and enough of them refused every new connection.
+One client address holds at most ``max_per_peer`` connections (CVPO_MAX_CONNECTIONS_PER_PEER): one
+more gets a 503 at once and is closed, so one host cannot take every slot of the global cap.
+Requests still authenticating or receiving their body (``Pending``) are not counted as in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import urllib.parse
+from collections import Counter as Tally
 
 import httptools
 import orjson
@@ -33,7 +42,7 @@ from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.errors import PROBLEM_JSON, Problem, problem_document
-from api.middleware import BUSY, HEALTH, OpenStreams, is_act_path, request_id
+from api.middleware import BUSY, HEALTH, TIMEOUT_TYPE, OpenStreams, Pending, is_act_path, request_id
 
 ACT_SHED = Counter("act_shed_total", "/act requests answered 503 at the in-flight cap before the app ran")
 
@@ -53,13 +62,15 @@ class _Answered:
 
 _ANSWERED = _Answered()
 TOO_MANY_CONNECTIONS = Problem(503, "too many open connections to this API process", headers={"Retry-After": "1"})
+TOO_MANY_FROM_PEER = Problem(503, "too many open connections from this address", headers={"Retry-After": "1"})
+HEADER_TIMEOUT = Problem(408, "the request headers did not arrive in time", type=TIMEOUT_TYPE, title="Request timeout")
 
 
 def _problem_bytes(
-    problem: Problem, path: str, request_id: str, default_headers: list[tuple[bytes, bytes]], close: bool
+    problem: Problem, path: str | None, request_id: str, default_headers: list[tuple[bytes, bytes]], close: bool
 ) -> bytes:
     body = orjson.dumps(problem_document(problem, path, request_id))
-    head = [b"HTTP/1.1 503 Service Unavailable\r\n"]
+    head = [b"HTTP/1.1 503 Service Unavailable\r\n" if problem.status == 503 else b"HTTP/1.1 408 Request Timeout\r\n"]
     head += [name + b": " + value + b"\r\n" for name, value in default_headers]
     for name, value in problem.headers.items():
         head.append(f"{name.lower()}: {value}\r\n".encode("latin-1"))
@@ -72,21 +83,86 @@ def _problem_bytes(
     return b"".join(head) + body
 
 
-def shedding_protocol(max_inflight: int, max_connections: int) -> type[HttpToolsProtocol]:
+def shedding_protocol(
+    max_inflight: int,
+    max_connections: int,
+    header_timeout_s: float | None = None,
+    max_per_peer: int | None = None,
+) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol that sheds ``/act`` at ``max_inflight`` requests in flight and
-    any request (health probes excepted) on a connection past ``max_connections``."""
+    any request (health probes excepted) on a connection past ``max_connections``, closes connections
+    whose headers take over ``header_timeout_s``, and caps connections per client address at
+    ``max_per_peer`` (0: no cap). The last two default to the environment's settings."""
+    if header_timeout_s is None or max_per_peer is None:
+        from core.settings import Settings
+
+        settings = Settings.from_env()
+        header_timeout_s = settings.header_timeout_s if header_timeout_s is None else header_timeout_s
+        max_per_peer = settings.max_connections_per_peer if max_per_peer is None else max_per_peer
+    per_peer: Tally[str] = Tally()  # open connections by client address, in this server
 
     class SheddingProtocol(HttpToolsProtocol):
         over_connections = False
+        peer: str | None = None  # set while this connection counts in per_peer
+        header_timer: asyncio.TimerHandle | None = None
+        partial = False  # bytes of a request whose headers are not complete yet have come
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self.over_connections = len(self.connections) > max_connections  # this one is past the cap
+            peer = self.client[0] if self.client else None
+            if max_per_peer and peer is not None:
+                if per_peer[peer] >= max_per_peer:
+                    # Answered and closed at once: held until a request came, it would fill the global cap.
+                    transport.write(_problem_bytes(TOO_MANY_FROM_PEER, None, request_id(b""), [], close=True))
+                    transport.close()
+                    return
+                per_peer[peer] += 1
+                self.peer = peer
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_header_timer()
+            if self.peer is not None:
+                per_peer[self.peer] -= 1
+                if per_peer[self.peer] <= 0:
+                    del per_peer[self.peer]
+                self.peer = None
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            self._disarm_header_timer()
+            self.partial = False
+            self.header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _disarm_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _header_timeout(self) -> None:
+            self.header_timer = None
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return  # a request is being served: its response re-arms the timer
+            if self.partial:
+                self.transport.write(_problem_bytes(HEADER_TIMEOUT, None, request_id(b""), [], close=True))
+            self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self.header_timer is not None:
+                self.partial = True
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_timer()  # the next request's headers are due within the deadline
 
         def on_headers_complete(self) -> None:
+            self._disarm_header_timer()
             over_connections = self.over_connections
             if (
-                (over_connections or len(self.tasks) - OpenStreams.count >= max_inflight)
+                (over_connections or len(self.tasks) - OpenStreams.count - Pending.count >= max_inflight)
                 and (self.cycle is None or self.cycle.response_complete)  # not behind a pipelined request
                 and not self.parser.should_upgrade()
             ):

@@ -7,6 +7,7 @@ logged and left for the reconciler, so the API never loses a job to a broker out
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import Celery
@@ -23,6 +24,8 @@ class JobQueue:
         self.store = store
         self.queue = queue
         self.url = str(celery.conf.broker_url)
+        self._probe: Any = None
+        self._probe_lock = threading.Lock()
 
     def send(self, job: JobRecord) -> bool:
         """Publish ``{job_id, attempt}``; True when the broker took it. Duplicates fail the claim."""
@@ -61,30 +64,33 @@ class JobQueue:
         return True
 
     def _redis(self) -> Any:
-        """A short-timeout client for probes: /readyz and /metrics must answer fast when Redis is down."""
-        import redis
+        """One short-timeout client (and so one connection pool) for every probe of this queue:
+        /readyz and /metrics must answer fast when Redis is down, and must not open a new TCP
+        connection per call (issue #23 item 3). redis-py clients are thread-safe; a dropped
+        connection is replaced on the next call."""
+        with self._probe_lock:
+            if self._probe is None:
+                import redis
 
-        return redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
+                self._probe = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
+            return self._probe
 
     def depth(self) -> int | None:
         """Messages waiting in the queue (None when the broker is unreachable)."""
         try:
-            with self._redis() as r:
-                return int(r.llen(self.queue))
+            return int(self._redis().llen(self.queue))
         except Exception:
             return None
 
     def broker_run_id(self) -> str | None:
         """Redis' run_id: it changes on every restart, which is when queued messages may be gone."""
         try:
-            with self._redis() as r:
-                return str(r.info("server")["run_id"])
+            return str(self._redis().info("server")["run_id"])
         except Exception:
             return None
 
     def ping(self) -> bool:
         try:
-            with self._redis() as r:
-                return bool(r.ping())
+            return bool(self._redis().ping())
         except Exception:
             return False

@@ -66,6 +66,13 @@ class Settings:
     # CVPO_PUBLIC_PATHS: routes readable without a token (health probes always are; /openapi.json
     # and /docs are public too: the schema holds no data).
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/livez", "/readyz"}))
+    # Slow and idle clients (issue #23 items 1 and 2): a request's headers must be in within
+    # header_timeout_s of its connection opening (or of the previous response), its body within
+    # body_timeout_s (then 408); one client address holds at most max_connections_per_peer
+    # connections (0 = no cap; set 0 behind a reverse proxy, where every client has its address).
+    header_timeout_s: float = 10.0  # CVPO_HEADER_TIMEOUT_S
+    body_timeout_s: float = 30.0  # CVPO_BODY_TIMEOUT_S
+    max_connections_per_peer: int = 100  # CVPO_MAX_CONNECTIONS_PER_PEER
 
     # Deployment hardening (issue #23 items 7, 8 and 15). CVPO_ALLOWED_HOSTS: Host headers served
     # while CVPO_AUTH=off (against DNS rebinding; "*" = any). CVPO_CELERY_REMOTE_CONTROL=on: workers
@@ -124,6 +131,11 @@ class Settings:
             ),
             certify_candidates=int(_num(env, "CVPO_CERTIFY_CANDIDATES", d.certify_candidates, int, 0)),
             public_paths=frozenset(public),
+            header_timeout_s=_num(env, "CVPO_HEADER_TIMEOUT_S", d.header_timeout_s, float, 0.1),
+            body_timeout_s=_num(env, "CVPO_BODY_TIMEOUT_S", d.body_timeout_s, float, 0.1),
+            max_connections_per_peer=int(
+                _num(env, "CVPO_MAX_CONNECTIONS_PER_PEER", d.max_connections_per_peer, int, 0)
+            ),
             allowed_hosts=frozenset(
                 h.strip().lower() for h in env.get("CVPO_ALLOWED_HOSTS", "").split(",") if h.strip()
             )

@@ -13,10 +13,11 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,30 +312,48 @@ def act_body(rows: int = 1) -> bytes:
     return json.dumps({"observations": [[0.5] * OBS_DIM] * rows}).encode()
 
 
+@contextlib.contextmanager
+def two_requests_in_the_app(live: Live) -> Iterator[Callable[[], None]]:
+    """Two requests inside the app, each waiting on the threadpool for SQLite's write lock, which this
+    holds until the function it yields is called. (A request still sending its body no longer counts
+    as in flight, issue #23 item 1; reads take no lock, so tokens and /readyz still resolve.)"""
+    lock = sqlite3.connect(live.data_dir / "cvpo.db", isolation_level=None, timeout=30)
+    lock.execute("BEGIN IMMEDIATE")
+    held = []
+
+    def release() -> None:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+            sock.sendall(request_bytes("POST", "/jobs/job_held/cancel", TOKEN))
+            held.append(sock)
+        time.sleep(0.3)  # both are inside the app, waiting for the lock
+        yield release
+    finally:
+        release()
+        lock.close()
+        for sock in held:
+            sock.close()
+
+
 def test_inflight_cap_answers_503_at_once(live: Live) -> None:
-    """With CVPO_MAX_INFLIGHT=2 and two requests held open (bodies still streaming in), /act gets an
-    immediate 503 with Retry-After instead of waiting; health probes still answer; once a held
-    request ends, /act is served again."""
+    """With CVPO_MAX_INFLIGHT=2 and two requests held in the app, /act gets an immediate 503 with
+    Retry-After instead of waiting; health probes still answer; once the held requests end, /act is
+    served again."""
     act_path = f"/policies/{live.policy_id}/act"
     good = request_bytes("POST", act_path, live.controller, act_body())
     assert live.raw(good)[0] == 200  # loads the policy
-    held = []
-    for _ in range(2):
-        sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
-        sock.sendall(request_bytes("POST", "/jobs", TOKEN, b"x" * 1000)[:-990])  # 10 of 1000 bytes
-        held.append(sock)
-    try:
-        time.sleep(0.3)  # both are inside the app, reading their bodies
+    with two_requests_in_the_app(live) as release:
         status, headers, body, seconds = live.raw(good)
         assert status == 503, body
         assert headers["retry-after"] == "1" and headers["content-type"] == "application/problem+json"
         assert json.loads(body)["status"] == 503 and seconds < 1.0
         assert live.raw(request_bytes("GET", "/readyz", None))[0] == 200
-        held.pop().close()
+        release()
         wait_until(lambda: live.raw(good)[0] == 200, 10, "a free in-flight slot")
-    finally:
-        for sock in held:
-            sock.close()
 
 
 def test_act_over_the_cap_is_answered_before_the_app_and_keeps_the_connection(live: Live) -> None:
@@ -356,14 +375,8 @@ def test_act_over_the_cap_is_answered_before_the_app_and_keeps_the_connection(li
 
     assert live.raw(request_bytes("POST", act_path, live.controller, act_body()))[0] == 200
     before = shed_count()
-    held = []
     conn = socket.create_connection(("127.0.0.1", live.port), timeout=10)
-    try:
-        for _ in range(2):
-            sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
-            sock.sendall(request_bytes("POST", "/jobs", TOKEN, b"x" * 1000)[:-990])  # body still coming
-            held.append(sock)
-        time.sleep(0.3)
+    with contextlib.closing(conn), two_requests_in_the_app(live) as release:
         for rid in ("probe-1", "probe-2"):
             conn.sendall(act(rid))
             status, headers, body = read_response(conn)
@@ -372,19 +385,13 @@ def test_act_over_the_cap_is_answered_before_the_app_and_keeps_the_connection(li
             assert headers["x-request-id"] == rid and "close" not in headers.get("connection", "")
             doc = json.loads(body)
             assert doc["status"] == 503 and doc["instance"] == act_path and doc["request_id"] == rid
-        for sock in held:
-            sock.close()
-        held.clear()
+        release()
 
         def served() -> bool:
             conn.sendall(act("probe-3"))
             return read_response(conn)[0] == 200
 
         wait_until(served, 10, "a free in-flight slot on the same connection")
-    finally:
-        conn.close()
-        for sock in held:
-            sock.close()
     # The /metrics call itself is one request in flight: sheds are counted, the middleware's are not.
     assert shed_count() >= before + 2
 
