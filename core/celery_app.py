@@ -38,6 +38,10 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_timeout=5,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # Remote control (inspect, shutdown, pool_restart, rate_limit… broadcast over the broker) lets
+        # anyone who reaches Redis stop or reconfigure every worker; nothing here uses it, so it is off
+        # unless CVPO_CELERY_REMOTE_CONTROL=on (issue #23 item 7).
+        worker_enable_remote_control=settings.celery_remote_control,
         task_send_sent_event=False,
         beat_schedule={
             "reconcile": {"task": RECONCILE_TASK, "schedule": max(settings.reconcile_every_s, 1.0)},
