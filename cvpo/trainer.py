@@ -8,21 +8,20 @@ stopped at any checkpoint and resumed on CPU reproduces the uninterrupted run bi
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cvpo import envs
+from cvpo import envs, trainstate
 from cvpo.artefact import write_policy_artefact
 from cvpo.buffer import ReplayBuffer
 from cvpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -30,15 +29,15 @@ from cvpo.config import TrainConfig, config_from_dict
 from cvpo.envs import ObservationNormalizer, SafeEnv
 from cvpo.learner import Learner, MinibatchTensors, sample_actions
 from cvpo.nets import ActorSnapshot
+from cvpo.runlog import RunLog
 from cvpo.runtime import keep_freed_memory
 from cvpo.selection import VALIDATION_SEED_BASE, Snapshot, better, candidate
 from cvpo.thresholds import curriculum_limits, curriculum_threshold, per_step_threshold
+from cvpo.trainstate import EpochStats
 
 EVAL_SEED_BASE = 1_000_003  # evaluation layouts: the same episodes every epoch, apart from training's
 # Metrics that legitimately differ between two runs of the same seed (wall clock).
 TIMING_KEYS = ("wall_time_s", "env_steps_per_s", "epoch_time_s")
-# Per-update statistics whose epoch maximum is reported too (as ``<key>_max``), not only the mean.
-MAX_KEYS = ("estep_kl",)
 # The margin controller's error per probe episode, (J − target·C)/C, is clipped to this range so that
 # one freak episode cannot swing δ; the upper end lets violations tighten faster than slack relaxes.
 MARGIN_ERROR_RANGE = (-1.0, 3.0)
@@ -55,57 +54,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA device is available")
     return torch.device(name)
-
-
-@dataclass
-class EpochStats:
-    """Running accumulators of one epoch (saved in checkpoints so a mid-epoch stop resumes exactly)."""
-
-    start_step: int = 0
-    start_time: float = 0.0
-    episode_returns: list[float] = field(default_factory=list)
-    episode_costs: list[list[float]] = field(default_factory=list)
-    episode_lengths: list[int] = field(default_factory=list)
-    update_sums: dict[str, float] = field(default_factory=dict)
-    update_count: int = 0
-    update_max: dict[str, float] = field(default_factory=dict)
-    probe_returns: list[float] = field(default_factory=list)
-    probe_costs: list[list[float]] = field(default_factory=list)
-
-    def add_update(self, stats: dict[str, float]) -> None:
-        for k, v in stats.items():
-            self.update_sums[k] = self.update_sums.get(k, 0.0) + v
-        for k in MAX_KEYS:
-            if k in stats:
-                self.update_max[k] = max(self.update_max.get(k, -math.inf), stats[k])
-        self.update_count += 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "start_step": self.start_step,
-            "episode_returns": self.episode_returns,
-            "episode_costs": self.episode_costs,
-            "episode_lengths": self.episode_lengths,
-            "update_sums": self.update_sums,
-            "update_count": self.update_count,
-            "update_max": self.update_max,
-            "probe_returns": self.probe_returns,
-            "probe_costs": self.probe_costs,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EpochStats:
-        return cls(
-            start_step=d["start_step"],
-            episode_returns=list(d["episode_returns"]),
-            episode_costs=[list(c) for c in d["episode_costs"]],
-            episode_lengths=list(d["episode_lengths"]),
-            update_sums=dict(d["update_sums"]),
-            update_count=d["update_count"],
-            update_max=dict(d.get("update_max", {})),
-            probe_returns=list(d.get("probe_returns", [])),
-            probe_costs=[list(c) for c in d.get("probe_costs", [])],
-        )
 
 
 @dataclass
@@ -171,8 +119,7 @@ class Trainer:
         # What the loop is doing, for a progress display read from another thread (the worker's heartbeat).
         self.phase = "training"
         self._t0 = time.perf_counter()  # reset when train() starts
-        self._tb: Any = None  # TensorBoard writer while train() runs
-        self._metric_rows: list[dict[str, Any]] = []  # metrics.jsonl's rows, read once per train()
+        self.log = RunLog(self.run_dir)  # metrics.jsonl / metrics.csv / TensorBoard
         self.on_epoch_end: list[EpochCallback] = []
         self.on_checkpoint: list[Callable[[Path, dict[str, Any]], None]] = []
 
@@ -562,33 +509,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and artefacts
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-        state = self.learner.state_dict()
-        state["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            state["rng.cuda"] = torch.cuda.get_rng_state_all()
-        arrays = {f"buffer.{k}": v for k, v in self.buffer.state_dict(copy=False).items()}
-        arrays.update({f"normalizer.{k}": v for k, v in self.normalizer.state_dict().items()})
-        if self.selected_snapshot is not None:
-            state["selected"] = self.selected_snapshot.tensors()
-            arrays.update({f"selected.normalizer.{k}": v for k, v in self.selected_snapshot.arrays().items()})
-        meta = {
-            "config": self.config.to_dict(),
-            "config_hash": self.config.config_hash(),
-            "counters": {
-                "env_steps": self.env_steps,
-                "episodes": self.episodes,
-                "epoch": self.epoch,
-                "update_credit": self.update_credit,
-                "steps_since_update": self.steps_since_update,
-            },
-            "margin_integral": self.margin_integral.tolist(),
-            "rng": {"numpy": self.rng.bit_generator.state, "python": random.getstate()},
-            "epoch_stats": self.epoch_stats.to_dict(),
-            "best": self.best,
-            "selected": self.selected,
-            "wall_time_s": self.elapsed_before + (time.perf_counter() - self._t0),
-        }
-        return state, arrays, meta
+        """Everything a bit-identical resume needs (cvpo/trainstate.py)."""
+        return trainstate.pack(self)
 
     def save(self, metrics: dict[str, Any] | None) -> Path:
         state, arrays, meta = self.state()
@@ -600,35 +522,7 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         state, arrays, meta = load_checkpoint(path, map_location=str(self.device))
-        # The stored config read with today's defaults: knobs added since it was written keep resume working.
-        if config_from_dict(meta["config"]).config_hash() != self.config.config_hash():
-            raise ValueError(f"{path} was written with another config (hash {meta['config_hash'][:12]})")
-        self.learner.load_state_dict(state)
-        torch.set_rng_state(state["rng.torch"])
-        if "rng.cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng.cuda"])
-        self.buffer.load_state_dict(
-            {k.removeprefix("buffer."): v for k, v in arrays.items() if k.startswith("buffer.")}
-        )
-        self.normalizer.load_state_dict(
-            {k.removeprefix("normalizer."): v for k, v in arrays.items() if k.startswith("normalizer.")}
-        )
-        c = meta["counters"]
-        self.env_steps, self.episodes, self.epoch = c["env_steps"], c["episodes"], c["epoch"]
-        self.update_credit, self.steps_since_update = c["update_credit"], c["steps_since_update"]
-        self.rng.bit_generator.state = meta["rng"]["numpy"]
-        py = meta["rng"]["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        self.epoch_stats = EpochStats.from_dict(meta["epoch_stats"])
-        self.best = meta["best"]
-        self.selected = meta.get("selected")
-        self.selected_snapshot = None
-        if "selected" in state:
-            prefix = "selected.normalizer."
-            norm = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
-            self.selected_snapshot = Snapshot.from_parts(state["selected"], norm)
-        self.elapsed_before = float(meta["wall_time_s"])
-        self.margin_integral = np.asarray(meta.get("margin_integral", np.zeros(self.config.num_constraints)), float)
+        trainstate.unpack(self, state, arrays, meta, path)
         self.learner.set_thresholds(self.thresholds(self.epoch))
         if self.actor_snapshot is not None:
             self.actor_snapshot.refresh()
@@ -664,46 +558,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics files
 
-    def write_metrics(self, metrics: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        # The CSV is rewritten whole (its columns follow the newest row), from rows kept in memory
-        # rather than re-reading metrics.jsonl every epoch.
-        self._metric_rows.append(json.loads(json.dumps(metrics)))
-        rows = self._metric_rows
-        scalar_keys = [k for k in rows[-1] if not isinstance(rows[-1][k], list | dict)]
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=scalar_keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        if self._tb is not None:
-            for k in scalar_keys:
-                v = metrics.get(k)
-                if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("epoch", "env_steps"):
-                    self._tb.add_scalar(k, v, self.env_steps)
-            for i, lam in enumerate(metrics["cost_multipliers"]):
-                self._tb.add_scalar(f"cost_multiplier/{i}", lam, self.env_steps)
-            self._tb.flush()
-
-    def _truncate_metrics(self) -> None:
-        """On resume, drop metric lines written after the checkpoint we resume from."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < self.epoch]
-            path.write_text("".join(line + "\n" for line in keep))
-            self._metric_rows = [json.loads(line) for line in keep]
-        else:
-            self._metric_rows = []
-
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
-        from torch.utils.tensorboard import SummaryWriter
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        self._truncate_metrics()
-        self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self.log.open(self.epoch)
         self._t0 = time.perf_counter()
         lp = self.config.loop
         total = self.config.total_env_steps
@@ -739,7 +599,7 @@ class Trainer:
                     self.served_evaluation(metrics, evaluation)
                 improved = self.update_best(metrics)
                 metrics["best"] = self.best
-                self.write_metrics(metrics)
+                self.log.append(metrics)
                 last_metrics = metrics
                 if improved:
                     self.write_policy("best_policy", metrics)
@@ -760,10 +620,10 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-            self._tb.close()
+            self.log.close()
         finished = self.env_steps >= total
         if finished:
-            final = last_metrics or self._last_saved_metrics()
+            final = last_metrics or self.log.last()
             if self.selected_snapshot is not None:
                 # The validated choice is what the run serves; the last epoch's policy stays beside it.
                 self.write_policy("final_policy", final)
@@ -783,13 +643,6 @@ class Trainer:
             "eval_cost": final.get("served_eval_cost"),
             "feasible": final.get("served_feasible"),
         }
-
-    def _last_saved_metrics(self) -> dict[str, Any] | None:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return None
-        lines = [line for line in path.read_text().splitlines() if line]
-        return json.loads(lines[-1]) if lines else None
 
     @classmethod
     def resume(cls, run_dir: Path, quiet: bool = False) -> Trainer:
