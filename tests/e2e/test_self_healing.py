@@ -177,3 +177,32 @@ def test_cvpo_serve_restarts_a_killed_redis_and_worker_and_act_keeps_answering(t
     finally:
         code = serve.stop()
     assert code == 0, serve.text()[-3000:]
+
+
+def test_cvpo_serve_restarts_a_killed_api(tmp_path: Path) -> None:
+    serve = Serve(tmp_path)
+    try:
+        wait_until(lambda: serve.ready() or serve.proc.poll() is not None, 90, "cvpo serve to be ready")
+        old = serve.children()["api"]
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: serve.children().get("api") not in (None, old), 60, "a new API process")
+        wait_until(serve.ready, 90, "the restarted API to be ready")
+        assert serve.http.get("/jobs").status_code == 200
+        assert "api exited with status -9; restarting it in 1 s" in serve.text()
+    finally:
+        code = serve.stop()
+    assert code == 0, serve.text()[-3000:]
+
+
+def test_restart_backoff_doubles_while_a_child_dies_young() -> None:
+    from service.launcher import STABLE_AFTER_S, Child
+
+    child = Child("worker", ["true"])
+    delays = []
+    for _ in range(7):
+        child.started_at = 100.0
+        delays.append(child.schedule_restart(now=101.0, backoff_max_s=30.0))
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
+    assert child.proc is None and child.restart_at == 131.0
+    child.started_at = 0.0
+    assert child.schedule_restart(now=STABLE_AFTER_S + 1, backoff_max_s=30.0) == 1, "a long run resets the backoff"
