@@ -368,205 +368,28 @@ def solve_dual(
     if reset_on_saturation and (lam0[~pinned] >= hi * (1.0 - _SATURATION_RTOL)).any():
         eta0, lam0 = min(max(1.0, lo), hi), np.full(m, lo)
         notes.append("warm start reset after saturation")
-    qc2 = _flat(qc)
-
-    def fallback(reason: str) -> DualSolution:
-        with np.errstate(all="ignore"):
-            ev = _evaluate(eta0, lam0, qr_in, qc2, cbar, eps)
-            weights = estep_weights(qr_in, qc, eta0, lam0)
-        return DualSolution(
-            temperature=eta0,
-            cost_multipliers=lam0.copy(),
-            dual_value=ev.value,
-            mean_kl=ev.mean_kl,
-            weighted_cost=ev.weighted_cost,
-            iterations=0,
-            success=False,
-            saturated=np.zeros(m, dtype=bool),
-            fallback=True,
-            message="; ".join([f"fallback: {reason}; kept previous (η, λ)", *notes]),
-            weights=weights,
-        )
 
     if not (np.isfinite(qr_in).all() and np.isfinite(qc).all()):
-        return fallback("non-finite Q values")
+        return _fallback(qr_in, qc, cbar, eps, eta0, lam0, "non-finite Q values", notes)
 
-    # Centre Q_r per state (a per-state shift: same (η*, λ*), g shifted by the mean shift, §9 I6).
-    row_mean = qr_in.mean(axis=1, keepdims=True)
-    qr = qr_in - row_mean
-    offset = float(row_mean.mean())
-
-    free = np.flatnonzero(~pinned)
-    log_lo, log_hi, log_eta_hi = math.log(lo), math.log(hi), math.log(eta_hi)
-    x_hi = np.concatenate(([log_eta_hi], np.full(free.size, log_hi)))  # upper bounds of x = (log η, log λ)
-    # Normalise g by the per-state spread of Q_r (see _GTOL); natural scales of η (that spread) and
-    # λ_i (spread of Q_r over spread of Q_c^i) are where stalled coordinates are lifted to.
-    spread_c = qc.std(axis=2).mean(axis=1)[free]
-    spread_r = float(qr.std(axis=1).mean())
-    if not spread_r > 0.0:  # constant rewards per state: fall back on the costs' spread
-        spread_r = float(spread_c.max()) if spread_c.size and spread_c.max() > 0.0 else 1.0
-    scale = spread_r
-    lam_scale = spread_r / np.where(spread_c > 0.0, spread_c, spread_r)
-    natural = np.log(np.clip(np.concatenate(([scale], lam_scale)), lo, hi))
-
-    cache: dict[str, object] = {}
-
-    def unpack(x: np.ndarray) -> tuple[float, np.ndarray]:
-        lam = np.full(m, lo)
-        lam[free] = np.exp(x[1:])
-        return math.exp(x[0]), lam
-
-    def evaluate(x: np.ndarray) -> _Eval:
-        if cache.get("ev") is not None and np.array_equal(cache["x"], x):
-            return cache["ev"]  # type: ignore[return-value]
-        eta, lam = unpack(x)
-        with np.errstate(all="ignore"):
-            ev = _evaluate(eta, lam, qr, qc2, cbar, eps)
-        cache["x"], cache["ev"] = x.copy(), ev
-        return ev
-
-    def linear_grad(ev: _Eval) -> np.ndarray:
-        return np.concatenate(([ev.grad_eta], ev.grad_lam[free]))
-
-    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-        ev = evaluate(x)
-        return ev.value / scale, linear_grad(ev) * np.exp(x) / scale
-
-    def check(x: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray] | None:
-        """(converged, stalled, linear gradient) at x, or None if the gradient is not finite."""
-        ev = evaluate(x)
-        g_lin = linear_grad(ev)
-        if not np.isfinite(g_lin).all():
-            return None
-        # Per coordinate, in dimensionless units: the log-space gradient (the effect on g) and the
-        # linear gradient at the natural scale (≈ ε − KL, and the weighted-cost error over Q_c's spread).
-        g_log = g_lin * np.exp(x) / scale
-        g_nat = g_lin * np.exp(natural) / scale
-        at_lo, at_hi = x <= log_lo + 1e-12, x >= x_hi - 1e-12
-        residual = np.minimum(np.abs(g_log), np.abs(g_nat))
-        residual[(at_lo & (g_lin > 0.0)) | (at_hi & (g_lin < 0.0))] = 0.0
-        # Stalled far below the natural scale although the linear gradient says "increase" (§2.5).
-        stalled = (x < natural - _LIFT_GAP) & (g_nat < -_LIFT_TOL)
-        return bool(residual.max() <= _ACCEPT_TOL) and not stalled.any(), stalled, g_lin
-
-    def newton(x: np.ndarray, budget: int) -> tuple[np.ndarray | None, int]:
-        """Projected Newton steps in u = (log η, λ); (log-space solution, steps) if it passes ``check``.
-
-        η moves multiplicatively (at most e^2 per step) while λ moves linearly, projected into its
-        bounds: in log space a λ near the floor moves by factors of e^2 per step, which turns a
-        constraint switching on or off into a dozen steps; linearly it is one or two (the dual is
-        jointly convex in (η, λ), §2.2).
-        """
-        lo_u = np.concatenate(([log_lo], np.full(free.size, lo)))
-        hi_u = np.concatenate(([log_eta_hi], np.full(free.size, hi)))
-
-        def to_x(u: np.ndarray) -> np.ndarray:
-            return np.concatenate((u[:1], np.log(u[1:])))
-
-        u = np.concatenate((x[:1], np.exp(x[1:])))
-        for step in range(budget + 1):
-            x = to_x(u)
-            state = check(x)
-            if state is None:
-                return None, step
-            done, _, g_lin = state
-            if done:
-                return x, step
-            if step == budget:
-                return None, step
-            eta = math.exp(x[0])
-            jac = np.ones_like(u)
-            jac[0] = eta
-            ev = evaluate(x)  # cached by check above
-            h_lin = _hessian_at(eta, ev.advantages, ev.weights, qc2)[np.ix_(keep, keep)]
-            hess = jac[:, None] * jac[None, :] * h_lin
-            hess[0, 0] += eta * g_lin[0]
-            hess /= scale
-            grad = g_lin * jac / scale
-            at_lo, at_hi = u <= lo_u * (1.0 + 1e-12), u >= hi_u * (1.0 - 1e-12)
-            at_lo[0], at_hi[0] = u[0] <= log_lo + 1e-12, u[0] >= log_eta_hi - 1e-12
-            move = ~((at_lo & (grad > 0.0)) | (at_hi & (grad < 0.0)))  # bound-held coordinates stay put
-            direction = np.zeros_like(u)
-            try:
-                direction[move] = -np.linalg.solve(hess[np.ix_(move, move)], grad[move])
-            except np.linalg.LinAlgError:
-                return None, step
-            if not (np.isfinite(direction).all() and float(grad @ direction) < 0.0):
-                return None, step  # not a descent direction (Hessian not positive definite here)
-            direction[0] = min(max(direction[0], -_NEWTON_MAX_STEP), _NEWTON_MAX_STEP)
-            f0, t = ev.value / scale, 1.0
-            for _ in range(_NEWTON_BACKTRACKS):
-                trial = np.clip(u + t * direction, lo_u, hi_u)
-                if evaluate(to_x(trial)).value / scale <= f0 + 1e-4 * float(grad @ (trial - u)):
-                    break
-                t *= 0.5
-            else:
-                return None, step
-            u = trial
-        return None, budget
-
-    keep = np.concatenate(([0], 1 + free))  # η and the free λ_i, in Hessian index order
-    # A constraint whose threshold lies below the batch mean of its per-state minimum cost cannot be met
-    # by any weights: ∂g/∂λ_i = c̄_i − weighted cost_i < 0 everywhere, so λ_i* is the upper bound (§8.1 P2).
-    infeasible = (cbar[free] < qc[free].min(axis=2).mean(axis=1)) if free.size else np.zeros(0, bool)
-    x = np.concatenate(([math.log(eta0)], np.log(lam0[free])))
-    x[1:][infeasible] = log_hi
-    nit, restarts, converged, message = 0, 0, False, ""
+    p = _DualProblem(qr_in, qc, cbar, eps, lo, hi, eta_hi)
+    x = np.concatenate(([math.log(eta0)], np.log(lam0[p.free])))
+    x[1:][p.infeasible] = p.log_hi
+    nit, converged, message = 0, False, ""
     if newton_steps > 0:
-        # Starts, in order, until one converges:
-        # 1. the warm start (one step only when it is saturated: leaving saturation is the common case);
-        # 2. the cold point, λ at the floor (or the bound when infeasible) and η at A's spread there,
-        #    for a warm start far off (leaving saturation, a constraint switching on);
-        # 3. the corner (η, λ) = hi: when no weights inside the KL ball meet the constraints the dual
-        #    decreases without bound towards large (η, λ) and the bounded optimum sits near that corner.
-        def cold_start() -> np.ndarray:
-            lam_cold = np.full(m, lo)
-            lam_cold[free[infeasible]] = hi
-            spread_a = float(_advantages(qr, qc2, lam_cold).std(axis=1).mean())
-            eta_cold = min(max(spread_a if spread_a > 0.0 else scale, lo), eta_hi)
-            return np.concatenate(([math.log(eta_cold)], np.log(lam_cold[free])))
-
-        warm = x
-        saturated_start = bool((warm[1:] >= log_hi - 1e-12).any())
-        # Built only when reached: most solves converge from the warm start.
-        starts: list[tuple[str, Callable[[], np.ndarray], int]] = [
-            ("warm", lambda: warm, 1 if saturated_start else int(newton_steps)),
-            ("cold", cold_start, 2 * int(newton_steps)),
-        ]
-        if free.size:
-            starts.append(("corner", lambda: np.full(1 + free.size, log_hi), 2 * int(newton_steps)))
-        for name, start, budget in starts:
-            x_newton, steps = newton(start(), budget)
-            nit += steps
-            if x_newton is not None:
-                x, converged = x_newton, True
-                message = f"converged in {nit} Newton step(s), from the {name} start"
-                break
-    newton_iterations = nit
-    while not converged:
-        box = list(zip(np.full(x.size, log_lo), x_hi, strict=True))
-        res = _minimize(objective, x, box, int(max_iter) - (nit - newton_iterations))
-        nit += int(res.nit)
-        message = str(res.message)
-        x = np.clip(res.x, log_lo, x_hi)
-        if not np.isfinite(x).all():
-            break
-        state = check(x)
-        if state is None:
-            break
-        converged, stalled, _ = state
-        if converged or nit - newton_iterations >= max_iter or restarts >= _MAX_RESTARTS:
-            break
-        x = np.where(stalled, natural, x)
-        restarts += 1
+        x, nit, converged, message = _newton_starts(p, x, int(newton_steps))
+    restarts = 0
+    if not converged:
+        x, lbfgs_nit, restarts, converged, message = _lbfgs(p, x, int(max_iter))
+        nit += lbfgs_nit
 
     if not np.isfinite(x).all():
-        return fallback("non-finite solver result")
-    eta, lam = unpack(x)
+        return _fallback(qr_in, qc, cbar, eps, eta0, lam0, "non-finite solver result", notes)
+    eta, lam = p.unpack(x)
     eta, lam = min(max(eta, lo), eta_hi), np.clip(lam, lo, hi)
-    ev = evaluate(x)
+    ev = p.evaluate(x)
     if not (math.isfinite(ev.value) and math.isfinite(ev.mean_kl) and np.isfinite(ev.weighted_cost).all()):
-        return fallback("non-finite dual value, KL or weighted cost")
+        return _fallback(qr_in, qc, cbar, eps, eta0, lam0, "non-finite dual value, KL or weighted cost", notes)
     saturated = ~pinned & (lam >= hi * (1.0 - _SATURATION_RTOL))
     if saturated.any():
         which = np.flatnonzero(saturated).tolist()
@@ -576,7 +399,7 @@ def solve_dual(
     return DualSolution(
         temperature=eta,
         cost_multipliers=lam,
-        dual_value=ev.value + offset,
+        dual_value=ev.value + p.offset,
         mean_kl=ev.mean_kl,
         weighted_cost=np.array(ev.weighted_cost, dtype=np.float64),
         iterations=nit,
@@ -586,6 +409,225 @@ def solve_dual(
         message="; ".join([message, *notes]),
         weights=ev.weights,
     )
+
+
+def _fallback(
+    qr: np.ndarray,
+    qc: np.ndarray,
+    cbar: np.ndarray,
+    eps: float,
+    eta0: float,
+    lam0: np.ndarray,
+    reason: str,
+    notes: list[str],
+) -> DualSolution:
+    """Keep the starting (η, λ) when the solve cannot give finite values (§2.5 step 5)."""
+    with np.errstate(all="ignore"):
+        ev = _evaluate(eta0, lam0, qr, _flat(qc), cbar, eps)
+        weights = estep_weights(qr, qc, eta0, lam0)
+    return DualSolution(
+        temperature=eta0,
+        cost_multipliers=lam0.copy(),
+        dual_value=ev.value,
+        mean_kl=ev.mean_kl,
+        weighted_cost=ev.weighted_cost,
+        iterations=0,
+        success=False,
+        saturated=np.zeros(qc.shape[0], dtype=bool),
+        fallback=True,
+        message="; ".join([f"fallback: {reason}; kept previous (η, λ)", *notes]),
+        weights=weights,
+    )
+
+
+class _DualProblem:
+    """One E-step dual in the solvers' coordinates x = (log η, log λ_free), scaled and cached.
+
+    Q_r is centred per state (a per-state shift: same (η*, λ*), g shifted by ``offset``, §9 I6) and g
+    is divided by the per-state spread of Q_r (see _GTOL). ``natural`` holds the natural scales of η
+    (that spread) and λ_i (spread of Q_r over spread of Q_c^i), where stalled coordinates are lifted to.
+    The last evaluation is cached: the solvers ask for the same point several times.
+    """
+
+    def __init__(
+        self, qr_in: np.ndarray, qc: np.ndarray, cbar: np.ndarray, eps: float, lo: float, hi: float, eta_hi: float
+    ) -> None:
+        m = qc.shape[0]
+        self.m, self.cbar, self.eps = m, cbar, eps
+        self.lo, self.hi, self.eta_hi = lo, hi, eta_hi
+        self.qc2 = _flat(qc)
+        row_mean = qr_in.mean(axis=1, keepdims=True)
+        self.qr = qr_in - row_mean
+        self.offset = float(row_mean.mean())
+        self.free = np.flatnonzero(np.isfinite(cbar))
+        free = self.free
+        self.log_lo, self.log_hi, self.log_eta_hi = math.log(lo), math.log(hi), math.log(eta_hi)
+        self.x_hi = np.concatenate(([self.log_eta_hi], np.full(free.size, self.log_hi)))  # upper bounds of x
+        spread_c = qc.std(axis=2).mean(axis=1)[free]
+        spread_r = float(self.qr.std(axis=1).mean())
+        if not spread_r > 0.0:  # constant rewards per state: fall back on the costs' spread
+            spread_r = float(spread_c.max()) if spread_c.size and spread_c.max() > 0.0 else 1.0
+        self.scale = spread_r
+        lam_scale = spread_r / np.where(spread_c > 0.0, spread_c, spread_r)
+        self.natural = np.log(np.clip(np.concatenate(([self.scale], lam_scale)), lo, hi))
+        self.keep = np.concatenate(([0], 1 + free))  # η and the free λ_i, in Hessian index order
+        # A constraint whose threshold lies below the batch mean of its per-state minimum cost cannot be
+        # met by any weights: ∂g/∂λ_i = c̄_i − weighted cost_i < 0 everywhere, so λ_i* is the upper bound
+        # (§8.1 P2).
+        self.infeasible = (cbar[free] < qc[free].min(axis=2).mean(axis=1)) if free.size else np.zeros(0, bool)
+        self._x: np.ndarray | None = None
+        self._ev: _Eval | None = None
+
+    def unpack(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        lam = np.full(self.m, self.lo)
+        lam[self.free] = np.exp(x[1:])
+        return math.exp(x[0]), lam
+
+    def evaluate(self, x: np.ndarray) -> _Eval:
+        if self._ev is not None and np.array_equal(self._x, x):
+            return self._ev
+        eta, lam = self.unpack(x)
+        with np.errstate(all="ignore"):
+            ev = _evaluate(eta, lam, self.qr, self.qc2, self.cbar, self.eps)
+        self._x, self._ev = x.copy(), ev
+        return ev
+
+    def linear_grad(self, ev: _Eval) -> np.ndarray:
+        return np.concatenate(([ev.grad_eta], ev.grad_lam[self.free]))
+
+    def objective(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        ev = self.evaluate(x)
+        return ev.value / self.scale, self.linear_grad(ev) * np.exp(x) / self.scale
+
+    def check(self, x: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray] | None:
+        """(converged, stalled, linear gradient) at x, or None if the gradient is not finite."""
+        ev = self.evaluate(x)
+        g_lin = self.linear_grad(ev)
+        if not np.isfinite(g_lin).all():
+            return None
+        # Per coordinate, in dimensionless units: the log-space gradient (the effect on g) and the
+        # linear gradient at the natural scale (≈ ε − KL, and the weighted-cost error over Q_c's spread).
+        g_log = g_lin * np.exp(x) / self.scale
+        g_nat = g_lin * np.exp(self.natural) / self.scale
+        at_lo, at_hi = x <= self.log_lo + 1e-12, x >= self.x_hi - 1e-12
+        residual = np.minimum(np.abs(g_log), np.abs(g_nat))
+        residual[(at_lo & (g_lin > 0.0)) | (at_hi & (g_lin < 0.0))] = 0.0
+        # Stalled far below the natural scale although the linear gradient says "increase" (§2.5).
+        stalled = (x < self.natural - _LIFT_GAP) & (g_nat < -_LIFT_TOL)
+        return bool(residual.max() <= _ACCEPT_TOL) and not stalled.any(), stalled, g_lin
+
+    def cold_start(self) -> np.ndarray:
+        """λ at the floor (the bound when infeasible) and η at the advantages' spread there."""
+        lam_cold = np.full(self.m, self.lo)
+        lam_cold[self.free[self.infeasible]] = self.hi
+        spread_a = float(_advantages(self.qr, self.qc2, lam_cold).std(axis=1).mean())
+        eta_cold = min(max(spread_a if spread_a > 0.0 else self.scale, self.lo), self.eta_hi)
+        return np.concatenate(([math.log(eta_cold)], np.log(lam_cold[self.free])))
+
+
+def _newton(p: _DualProblem, x: np.ndarray, budget: int) -> tuple[np.ndarray | None, int]:
+    """Projected Newton steps in u = (log η, λ); (log-space solution, steps) if it passes ``check``.
+
+    η moves multiplicatively (at most e^2 per step) while λ moves linearly, projected into its
+    bounds: in log space a λ near the floor moves by factors of e^2 per step, which turns a
+    constraint switching on or off into a dozen steps; linearly it is one or two (the dual is
+    jointly convex in (η, λ), §2.2).
+    """
+    free, scale = p.free, p.scale
+    lo_u = np.concatenate(([p.log_lo], np.full(free.size, p.lo)))
+    hi_u = np.concatenate(([p.log_eta_hi], np.full(free.size, p.hi)))
+
+    def to_x(u: np.ndarray) -> np.ndarray:
+        return np.concatenate((u[:1], np.log(u[1:])))
+
+    u = np.concatenate((x[:1], np.exp(x[1:])))
+    for step in range(budget + 1):
+        x = to_x(u)
+        state = p.check(x)
+        if state is None:
+            return None, step
+        done, _, g_lin = state
+        if done:
+            return x, step
+        if step == budget:
+            return None, step
+        eta = math.exp(x[0])
+        jac = np.ones_like(u)
+        jac[0] = eta
+        ev = p.evaluate(x)  # cached by check above
+        h_lin = _hessian_at(eta, ev.advantages, ev.weights, p.qc2)[np.ix_(p.keep, p.keep)]
+        hess = jac[:, None] * jac[None, :] * h_lin
+        hess[0, 0] += eta * g_lin[0]
+        hess /= scale
+        grad = g_lin * jac / scale
+        at_lo, at_hi = u <= lo_u * (1.0 + 1e-12), u >= hi_u * (1.0 - 1e-12)
+        at_lo[0], at_hi[0] = u[0] <= p.log_lo + 1e-12, u[0] >= p.log_eta_hi - 1e-12
+        move = ~((at_lo & (grad > 0.0)) | (at_hi & (grad < 0.0)))  # bound-held coordinates stay put
+        direction = np.zeros_like(u)
+        try:
+            direction[move] = -np.linalg.solve(hess[np.ix_(move, move)], grad[move])
+        except np.linalg.LinAlgError:
+            return None, step
+        if not (np.isfinite(direction).all() and float(grad @ direction) < 0.0):
+            return None, step  # not a descent direction (Hessian not positive definite here)
+        direction[0] = min(max(direction[0], -_NEWTON_MAX_STEP), _NEWTON_MAX_STEP)
+        f0, t = ev.value / scale, 1.0
+        for _ in range(_NEWTON_BACKTRACKS):
+            trial = np.clip(u + t * direction, lo_u, hi_u)
+            if p.evaluate(to_x(trial)).value / scale <= f0 + 1e-4 * float(grad @ (trial - u)):
+                break
+            t *= 0.5
+        else:
+            return None, step
+        u = trial
+    return None, budget
+
+
+def _newton_starts(p: _DualProblem, warm: np.ndarray, newton_steps: int) -> tuple[np.ndarray, int, bool, str]:
+    """Newton from up to three starts until one converges: (x, steps, converged, message).
+
+    1. the warm start (one step only when it is saturated: leaving saturation is the common case);
+    2. the cold point, for a warm start far off (leaving saturation, a constraint switching on);
+    3. the corner (η, λ) = hi: when no weights inside the KL ball meet the constraints the dual
+       decreases without bound towards large (η, λ) and the bounded optimum sits near that corner.
+    Starts are built only when reached: most solves converge from the warm start.
+    """
+    saturated_start = bool((warm[1:] >= p.log_hi - 1e-12).any())
+    starts: list[tuple[str, Callable[[], np.ndarray], int]] = [
+        ("warm", lambda: warm, 1 if saturated_start else newton_steps),
+        ("cold", p.cold_start, 2 * newton_steps),
+    ]
+    if p.free.size:
+        starts.append(("corner", lambda: np.full(1 + p.free.size, p.log_hi), 2 * newton_steps))
+    nit = 0
+    for name, start, budget in starts:
+        x_newton, steps = _newton(p, start(), budget)
+        nit += steps
+        if x_newton is not None:
+            return x_newton, nit, True, f"converged in {nit} Newton step(s), from the {name} start"
+    return warm, nit, False, ""
+
+
+def _lbfgs(p: _DualProblem, x: np.ndarray, max_iter: int) -> tuple[np.ndarray, int, int, bool, str]:
+    """L-BFGS-B with restarts that lift stalled coordinates: (x, iterations, restarts, converged, message)."""
+    nit, restarts, converged, message = 0, 0, False, ""
+    while True:
+        box = list(zip(np.full(x.size, p.log_lo), p.x_hi, strict=True))
+        res = _minimize(p.objective, x, box, max_iter - nit)
+        nit += int(res.nit)
+        message = str(res.message)
+        x = np.clip(res.x, p.log_lo, p.x_hi)
+        if not np.isfinite(x).all():
+            break
+        state = p.check(x)
+        if state is None:
+            break
+        converged, stalled, _ = state
+        if converged or nit >= max_iter or restarts >= _MAX_RESTARTS:
+            break
+        x = np.where(stalled, p.natural, x)
+        restarts += 1
+    return x, nit, restarts, converged, message
 
 
 def _minimize(
