@@ -73,6 +73,13 @@ class Settings:
     header_timeout_s: float = 10.0  # CVPO_HEADER_TIMEOUT_S
     body_timeout_s: float = 30.0  # CVPO_BODY_TIMEOUT_S
     max_connections_per_peer: int = 100  # CVPO_MAX_CONNECTIONS_PER_PEER
+    # Job event streams (issue #23 item 4): open streams per token and per API process (then 429 +
+    # Retry-After), a stream's lifetime (then it ends and the client resumes with Last-Event-ID), and
+    # how often an open stream re-checks its token (a revoked or expired one ends it).
+    max_streams: int = 512  # CVPO_MAX_STREAMS
+    max_streams_per_token: int = 16  # CVPO_MAX_STREAMS_PER_TOKEN
+    stream_max_s: float = 300.0  # CVPO_STREAM_MAX_S
+    stream_auth_check_s: float = 10.0  # CVPO_STREAM_AUTH_CHECK_S
 
     # Deployment hardening (issue #23 items 7, 8 and 15). CVPO_ALLOWED_HOSTS: Host headers served
     # while CVPO_AUTH=off (against DNS rebinding; "*" = any). CVPO_CELERY_REMOTE_CONTROL=on: workers
@@ -136,6 +143,10 @@ class Settings:
             max_connections_per_peer=int(
                 _num(env, "CVPO_MAX_CONNECTIONS_PER_PEER", d.max_connections_per_peer, int, 0)
             ),
+            max_streams=int(_num(env, "CVPO_MAX_STREAMS", d.max_streams, int, 1)),
+            max_streams_per_token=int(_num(env, "CVPO_MAX_STREAMS_PER_TOKEN", d.max_streams_per_token, int, 1)),
+            stream_max_s=_num(env, "CVPO_STREAM_MAX_S", d.stream_max_s, float, 0.5),
+            stream_auth_check_s=_num(env, "CVPO_STREAM_AUTH_CHECK_S", d.stream_auth_check_s, float, 0.1),
             allowed_hosts=frozenset(
                 h.strip().lower() for h in env.get("CVPO_ALLOWED_HOSTS", "").split(",") if h.strip()
             )

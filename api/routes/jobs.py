@@ -4,12 +4,19 @@ and ``POST /policies`` (promotion), which reads job checkpoints. Routes only map
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import logging
 import math
+import random
 import secrets
+import time
+import weakref
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
@@ -21,14 +28,18 @@ from api.auth import owner_filter, require
 from api.errors import Problem, json_safe, validation_problem
 from api.routes import json_response, store_of
 from api.schemas import JobSpec, PromoteRequest
+from core.settings import Settings
 from core.store import (
     STATUSES,
+    TERMINAL,
     CapExceededError,
     ConflictError,
     IdempotencyMismatchError,
     JobRecord,
     NotFoundError,
     Principal,
+    Store,
+    hash_token,
     rfc3339,
 )
 from cvpo.config import ConfigError, expand_overrides, resolve_config
@@ -42,7 +53,12 @@ Writer = Annotated[Principal, Depends(require("jobs:write"))]
 
 SPEC_FIELDS_NOT_HYPERPARAMS = ("env_id", "total_env_steps", "seed", "device", "preset")
 SSE_KEEPALIVE_S = 15.0
-SSE_POLL_S = 0.5
+SSE_POLL_S = 0.5  # one read of a job's new events per this, shared by all of the job's open streams
+SSE_BUFFER = 2000  # recent events a job's poller keeps for its subscribers; one further behind reads the store
+SSE_JOB_CHECK_EVERY = 10  # polls between reads of the job row (deleted? finished with its events pruned?)
+SSE_RETRY_MS = 1000  # the reconnect delay a stream tells EventSource clients
+STREAM_RETRY_AFTER_S = 5
+log = logging.getLogger("cvpo.api")
 
 
 def promotion_view(promotion: dict[str, Any] | None, full: bool = True) -> dict[str, Any] | None:
@@ -69,8 +85,8 @@ def chosen_certificate(promotion: dict[str, Any] | None) -> dict[str, Any] | Non
     return None
 
 
-def job_resource(job: JobRecord, full: bool = True) -> dict[str, Any]:
-    """The job as clients see it (service-design.md §1.3)."""
+def job_resource(job: JobRecord, full: bool = True, queue: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job as clients see it (service-design.md §1.3); ``queue`` is ``queue_view``'s block (GET /jobs/{id})."""
     rate = job.steps_per_s
     remaining = max(job.total_env_steps - job.env_step, 0)
     return {
@@ -101,11 +117,46 @@ def job_resource(job: JobRecord, full: bool = True) -> dict[str, Any]:
         "certificate": chosen_certificate(job.promotion) if full else None,
         "promotion": promotion_view(job.promotion, full),
         "failure": job.failure,
+        # Where a queued job stands and whether any worker is there to take it (issue #23 item 12);
+        # null once it left the queue and in listings.
+        "queue": queue,
         "cancel_requested": job.cancel_requested,
         "created_at": rfc3339(job.created_at),
         "started_at": rfc3339(job.started_at),
         "finished_at": rfc3339(job.finished_at),
         "updated_at": rfc3339(job.updated_at),
+    }
+
+
+def queue_view(store: Store, settings: Settings, job: JobRecord) -> dict[str, Any] | None:
+    """A queued job's place in the queue and who could run it: ``position`` (1 = next), ``ahead``,
+    ``running`` (jobs workers hold now), the live ``workers`` on this queue (seen within
+    CVPO_LEASE_TTL_S) and how many have CUDA, ``workers_seen_at``, ``no_worker_for_s`` (null while one
+    is live) and ``waiting_for``: why it will not start soon, in words (null when nothing is wrong)."""
+    position = store.queue_position(job)
+    if position is None:
+        return None
+    workers = store.worker_summary(settings.queue, settings.lease_ttl_s)
+    name = workers["queue"]
+    note = None
+    if workers["workers"] == 0:
+        if workers["ever_seen"]:
+            note = (
+                f"no worker has been seen on queue {name!r} for {workers['no_worker_for_s']:.0f} s; "
+                "the job waits until one starts (cvpo worker)"
+            )
+        else:
+            note = f"no worker has ever registered on queue {name!r}; the job waits until one starts (cvpo worker)"
+    elif job.spec.get("device") == "cuda" and workers["cuda_workers"] == 0:
+        note = f"the job asks for device 'cuda' and no live worker on queue {name!r} has CUDA; it waits for one"
+    return {
+        **position,
+        "name": name,
+        "workers": workers["workers"],
+        "cuda_workers": workers["cuda_workers"],
+        "workers_seen_at": workers["workers_seen_at"],
+        "no_worker_for_s": workers["no_worker_for_s"],
+        "waiting_for": note,
     }
 
 
@@ -179,6 +230,23 @@ def resolve_spec(spec: JobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     return echoed, config.to_dict()
 
 
+def refuse_without_cuda_worker(store: Store, settings: Settings) -> None:
+    """``device: "cuda"`` is a 409 unless a live worker on this queue registered CUDA (issue #23 item 13):
+    refused now, in words, instead of failing later inside a worker that has none."""
+    workers = store.worker_summary(settings.queue, settings.lease_ttl_s)
+    if workers["cuda_workers"] > 0:
+        return
+    seen = f"{workers['workers']} live worker(s), none with CUDA" if workers["workers"] else "no live worker"
+    raise Problem(
+        409,
+        f"the job asks for device 'cuda' but no worker with CUDA is registered on queue {workers['queue']!r} "
+        f"({seen}); submit it with device 'auto' or 'cpu', or start a worker on a machine with a GPU",
+        type="/problems/no-cuda-worker",
+        title="No CUDA worker",
+        extra={"queue": workers["queue"], "workers": workers["workers"], "cuda_workers": 0},
+    )
+
+
 def _inline_defs(model: type[JobSpec]) -> dict[str, Any]:
     """The model's JSON Schema with its ``$defs`` inlined. pydantic's ``#/$defs/EvalSpec`` resolves
     within the model's own schema, but inside /openapi.json it points at nothing: schemathesis could
@@ -221,6 +289,8 @@ async def create_job(
     echoed, config = resolve_spec(spec)
     settings = request.app.state.settings
     store = store_of(request)
+    if spec.device == "cuda":
+        await asyncio.to_thread(refuse_without_cuda_worker, store, settings)
     body_sha = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
     try:
         job, replayed = await asyncio.to_thread(
@@ -275,7 +345,9 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", summary="A job's state, progress, reward and cost", responses={404: {}})
 def get_job(request: Request, job_id: str, principal: Reader) -> Response:
-    return json_response(job_resource(_get_job(request, job_id, principal)))
+    job = _get_job(request, job_id, principal)
+    queue = queue_view(store_of(request), request.app.state.settings, job) if job.status == "queued" else None
+    return json_response(job_resource(job, queue=queue))
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a job", responses={200: {}, 202: {}, 404: {}, 409: {}})
@@ -374,11 +446,171 @@ def job_logs(
     return json_response({"items": lines, "next_after_seq": lines[-1]["seq"] if lines else after_seq})
 
 
+class JobPoller:
+    """The one reader of a job's new events in this process, however many streams follow the job
+    (issue #23 item 4): every SSE_POLL_S it reads what came after the newest event it has, keeps the
+    last SSE_BUFFER, and wakes its subscribers. It stops once nobody listens, or once the job is over
+    (or deleted) and every event up to the job's last is read."""
+
+    def __init__(self, store: Store, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+        self.seqs: list[int] = []  # ascending, parallel to ``events``
+        self.events: list[dict[str, Any]] = []
+        self.base = 0  # every event with seq > base is in ``events`` (or not written yet)
+        self.seq = 0  # the newest seq read
+        self.ready = False  # base/seq set by the first read
+        self.done = False
+        self.closing = False
+        self.subscribers = 0
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def wakeup(self) -> asyncio.Event:
+        """The event the next change sets; take it before looking at the state, then wait on it."""
+        return self._changed
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def after(self, cursor: int) -> list[dict[str, Any]]:
+        """Buffered events with seq > cursor (the caller has cursor >= base)."""
+        return self.events[bisect.bisect_right(self.seqs, cursor) :]
+
+    async def run(self) -> None:
+        polls, check_job = 0, True
+        try:
+            while self.subscribers > 0:
+                try:
+                    if not self.ready:
+                        job = await asyncio.to_thread(self.store.get_job, self.job_id)
+                        self.base = self.seq = job.event_seq  # subscribers read anything older themselves
+                        self.ready = True
+                        self._notify()
+                    batch = await asyncio.to_thread(self.store.events_after, self.job_id, self.seq, 500)
+                    if batch:
+                        self.seqs.extend(ev["seq"] for ev in batch)
+                        self.events.extend(batch)
+                        self.seq = batch[-1]["seq"]
+                        if len(self.events) > SSE_BUFFER:
+                            cut = len(self.events) - SSE_BUFFER
+                            self.base = self.seqs[cut - 1]
+                            del self.events[:cut], self.seqs[:cut]
+                        check_job = check_job or any(
+                            ev["type"] == "status" and ev["data"].get("status") in TERMINAL for ev in batch
+                        )
+                        self._notify()
+                        if len(batch) == 500:
+                            continue  # more are waiting: read them now
+                    polls += 1
+                    if not batch and (check_job or polls % SSE_JOB_CHECK_EVERY == 0):
+                        check_job = False
+                        job = await asyncio.to_thread(self.store.get_job, self.job_id)
+                        if job.terminal and job.event_seq <= self.seq:
+                            self.done = True
+                            return
+                except NotFoundError:  # the job was deleted
+                    self.done = True
+                    return
+                except Exception:  # a transient store error: the next poll retries
+                    log.exception("event poller for %s failed", self.job_id)
+                await asyncio.sleep(SSE_POLL_S)
+        finally:
+            self.closing = True
+            self._notify()
+
+
+class EventHub:
+    """This API process's event streams: the caps (per token and in all) and one poller per job."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store, self.settings = store, settings
+        self.pollers: dict[str, JobPoller] = {}
+        self.open = 0
+        self.open_by_token: dict[str, int] = {}
+
+    def reserve(self, token_key: str) -> StreamSlot:
+        """A slot for one more stream, or a 429 problem with Retry-After (the caps of issue #23 item 4)."""
+        s = self.settings
+        if self.open_by_token.get(token_key, 0) >= s.max_streams_per_token:
+            detail = f"this token has {s.max_streams_per_token} event streams open (CVPO_MAX_STREAMS_PER_TOKEN)"
+        elif self.open >= s.max_streams:
+            detail = f"this API process has {s.max_streams} event streams open (CVPO_MAX_STREAMS)"
+        else:
+            self.open += 1
+            self.open_by_token[token_key] = self.open_by_token.get(token_key, 0) + 1
+            return StreamSlot(self, token_key)
+        raise Problem(
+            429,
+            f"{detail}; close one, or poll GET /jobs/{{id}} instead",
+            type="/problems/too-many-streams",
+            headers={"Retry-After": str(STREAM_RETRY_AFTER_S)},
+        )
+
+    def subscribe(self, job_id: str) -> JobPoller:
+        poller = self.pollers.get(job_id)
+        if poller is None or poller.closing:
+            poller = JobPoller(self.store, job_id)
+            self.pollers[job_id] = poller
+        poller.subscribers += 1
+        if poller.task is None:
+            poller.task = asyncio.create_task(self._run(poller), name=f"events-{job_id}")
+        return poller
+
+    async def _run(self, poller: JobPoller) -> None:
+        try:
+            await poller.run()
+        finally:
+            if self.pollers.get(poller.job_id) is poller:
+                del self.pollers[poller.job_id]
+
+
+class StreamSlot:
+    """One open stream's place under the caps; released once, when the stream ends (or, for a response
+    that never started streaming, when its generator is collected)."""
+
+    def __init__(self, hub: EventHub, token_key: str) -> None:
+        self.hub, self.token_key, self.released = hub, token_key, False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.hub.open -= 1
+        left = self.hub.open_by_token.get(self.token_key, 1) - 1
+        if left > 0:
+            self.hub.open_by_token[self.token_key] = left
+        else:
+            self.hub.open_by_token.pop(self.token_key, None)
+
+
+def event_hub(request: Request) -> EventHub:
+    state = request.app.state
+    hub = getattr(state, "event_hub", None)
+    if hub is None or hub.store is not state.store:  # one per app (and per lifespan's store)
+        hub = state.event_hub = EventHub(state.store, state.settings)
+    return hub
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, raw = (request.headers.get("authorization") or "").partition(" ")
+    return raw.strip() if scheme.lower() == "bearer" and raw.strip() else None
+
+
+def _sse(ev: dict[str, Any]) -> str:
+    payload = orjson.dumps(json_safe({**ev["data"], "time": ev["time"]})).decode()
+    return f"id: {ev['seq']}\nevent: {ev['type']}\ndata: {payload}\n\n"
+
+
 @router.get(
     "/jobs/{job_id}/events",
-    summary="Server-sent events: status, metrics, checkpoint, attempt, log",
+    summary="Server-sent events: status, metrics, progress, checkpoint, attempt, log",
+    description="Each event's id is its sequence number; a stream ends when the job has ended and every "
+    "event is sent, after CVPO_STREAM_MAX_S, or when its token is revoked or expires: reconnect with the "
+    "Last-Event-ID header to resume after the last event received (nothing is skipped or repeated). "
+    "Open streams are capped per token and per API process (429 with Retry-After).",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 404: {}},
+    responses={200: {"content": {"text/event-stream": {}}}, 404: {}, 422: {}, 429: {}},
 )
 async def job_events(
     request: Request,
@@ -400,33 +632,76 @@ async def job_events(
         raise validation_problem(
             [{"loc": ["header", "Last-Event-ID"], "msg": "must be an integer in [0, 2^63 - 1]", "input": last_event_id}]
         ) from exc
+    settings: Settings = request.app.state.settings
+    raw_token = _bearer(request) if settings.auth else None
+    hub = event_hub(request)
+    slot = hub.reserve(hash_token(raw_token) if raw_token else f"client:{principal.client}")
 
-    async def stream() -> Any:
-        seq = start
-        idle = 0.0
-        while True:
-            batch = await asyncio.to_thread(store.events_after, job_id, seq, 500)
-            for ev in batch:
-                seq = ev["seq"]
-                payload = orjson.dumps(json_safe({**ev["data"], "time": ev["time"]})).decode()
-                yield f"id: {seq}\nevent: {ev['type']}\ndata: {payload}\n\n"
-            if batch:
-                idle = 0.0
-            try:
-                job = await asyncio.to_thread(store.get_job, job_id, owner)
-            except NotFoundError:
-                return
-            if job.terminal and not batch:
-                return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(SSE_POLL_S)
-            idle += SSE_POLL_S
-            if idle >= SSE_KEEPALIVE_S:
-                idle = 0.0
-                yield ": keep-alive\n\n"
+    async def token_still_valid() -> bool:
+        if raw_token is None:  # auth off, or a public path's anonymous reader
+            return True
+        found = await asyncio.to_thread(request.app.state.tokens.resolve, raw_token)
+        return found is not None and found.allows("jobs:read")
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async def stream() -> AsyncIterator[str]:
+        poller = hub.subscribe(job_id)
+        try:
+            cursor = start
+            now = time.monotonic()
+            deadline = now + settings.stream_max_s * random.uniform(0.9, 1.0)  # jitter: no reconnect herds
+            next_auth = now + settings.stream_auth_check_s
+            next_keepalive = now + SSE_KEEPALIVE_S
+            yield f"retry: {SSE_RETRY_MS}\n\n"
+            while True:
+                changed = poller.wakeup()
+                if not poller.ready:
+                    batch = []
+                elif cursor < poller.base:  # behind the poller: catch up from the store, this stream alone
+                    batch = await asyncio.to_thread(store.events_after, job_id, cursor, 500)
+                    if not batch:
+                        cursor = poller.base  # nothing stored in between (pruned or deleted)
+                else:
+                    batch = poller.after(cursor)
+                for ev in batch:
+                    cursor = ev["seq"]
+                    yield _sse(ev)
+                if batch:
+                    next_keepalive = time.monotonic() + SSE_KEEPALIVE_S
+                    continue
+                if poller.done and cursor >= poller.seq:
+                    return  # the job is over and everything it wrote is sent
+                if poller.closing:  # the poller ended (deleted job): follow a fresh one if the job lives
+                    poller.subscribers -= 1
+                    try:
+                        await asyncio.to_thread(store.get_job, job_id, owner)
+                    except NotFoundError:
+                        poller = None
+                        return
+                    poller = hub.subscribe(job_id)
+                    continue
+                now = time.monotonic()
+                if now >= deadline:
+                    yield ": this stream's time is up; reconnect with Last-Event-ID to resume\n\n"
+                    return
+                if now >= next_auth:
+                    if not await token_still_valid():
+                        yield ": the token was revoked or expired\n\n"
+                        return
+                    next_auth = time.monotonic() + settings.stream_auth_check_s
+                if now >= next_keepalive:
+                    yield ": keep-alive\n\n"
+                    next_keepalive = now + SSE_KEEPALIVE_S
+                wait = max(min(deadline, next_auth, next_keepalive) - time.monotonic(), 0.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=wait)
+        finally:
+            if poller is not None:
+                poller.subscribers -= 1
+            slot.release()
+
+    body = stream()
+    weakref.finalize(body, slot.release)  # a response dropped before it streamed still frees its slot
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @promote_router.post(
