@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from cvpo.actor_spec import ActorSpec
 from cvpo.envs.wrappers import scale_action  # numpy only: the one place actions meet the Box
 
 WEIGHTS_FILE = "policy.safetensors"
@@ -73,19 +74,11 @@ def write_policy_artefact(
     ``horizon``: the task's episode length T, used to record the per-step thresholds
     c̄ = C·(1 − γ^T)/((1 − γ)·T) that the cost limits mean for Q_c (None: not recorded).
     """
-    from torch import nn
-
-    layers = [m for m in actor.trunk if isinstance(m, nn.Linear)]
-    if any(not isinstance(m, nn.Linear | nn.ReLU) for m in actor.trunk):
-        raise ArtefactError("only Linear/ReLU trunks can be exported")
-    tensors: dict[str, np.ndarray] = {}
-    for i, layer in enumerate(layers):
-        tensors[f"trunk.{i}.weight"] = layer.weight.detach().cpu().float().numpy()
-        tensors[f"trunk.{i}.bias"] = layer.bias.detach().cpu().float().numpy()
-    for name in ("mean_head", "cov_head"):
-        head = getattr(actor, name)
-        tensors[f"{name}.weight"] = head.weight.detach().cpu().float().numpy()
-        tensors[f"{name}.bias"] = head.bias.detach().cpu().float().numpy()
+    try:
+        spec = actor.describe()
+    except ValueError as exc:
+        raise ArtefactError(f"this actor cannot be exported: {exc}") from exc
+    tensors: dict[str, np.ndarray] = spec.tensors()
     normalizer_meta = {"present": normalizer is not None}
     if normalizer is not None:
         tensors["normalizer.mean"] = normalizer.mean.astype(np.float64)
@@ -105,14 +98,7 @@ def write_policy_artefact(
         "env_id": config.env_id,
         "observation_space": {"shape": [env.obs_dim], "low": None, "high": None},
         "action_space": {"shape": [env.act_dim], "low": env.act_low.tolist(), "high": env.act_high.tolist()},
-        "architecture": {
-            "trunk_layers": len(layers),
-            "activation": "relu",
-            "covariance": actor.covariance,
-            "log_std_bounds": list(actor.log_std_bounds),
-            "mean_bound": actor.mean_bound,
-            "offdiag_bound": 5.0,
-        },
+        "architecture": spec.architecture(),
         "normalizer": normalizer_meta,
         "cost_limits": [float(c) if np.isfinite(c) else None for c in config.constraints.cost_limits],
         **({"cost_critic": critic_meta} if critic_meta is not None else {}),
@@ -162,23 +148,16 @@ class PolicyRuntime:
 
     def __init__(self, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         self.meta = meta
-        arch = meta["architecture"]
-        # Weights stored transposed and contiguous (x @ W with no per-call transpose), in float64.
-        self.trunk = [
-            (
-                np.ascontiguousarray(tensors[f"trunk.{i}.weight"].astype(np.float64).T),
-                tensors[f"trunk.{i}.bias"].astype(np.float64),
-            )
-            for i in range(arch["trunk_layers"])
-        ]
-        self.mean_w = np.ascontiguousarray(tensors["mean_head.weight"].astype(np.float64).T)
-        self.mean_b = tensors["mean_head.bias"].astype(np.float64)
-        self.cov_w = np.ascontiguousarray(tensors["cov_head.weight"].astype(np.float64).T)
-        self.cov_b = tensors["cov_head.bias"].astype(np.float64)
-        self.covariance = arch["covariance"]
-        self.log_std_bounds = tuple(arch["log_std_bounds"])
-        self.mean_bound = arch["mean_bound"]
-        self.offdiag_bound = arch["offdiag_bound"]
+        # The actor's one description (cvpo/actor_spec.py), weights (in, out) in float64; the names
+        # below are views of it for the ONNX builder and /act's checks.
+        self.spec = ActorSpec.from_tensors(tensors, meta["architecture"]).astype(np.float64)
+        self.trunk = self.spec.trunk
+        self.mean_w, self.mean_b = self.spec.mean_w, self.spec.mean_b
+        self.cov_w, self.cov_b = self.spec.cov_w, self.spec.cov_b
+        self.covariance = self.spec.covariance
+        self.log_std_bounds = self.spec.log_std_bounds
+        self.mean_bound = self.spec.mean_bound
+        self.offdiag_bound = self.spec.offdiag_bound
         self.obs_dim = int(meta["observation_space"]["shape"][0])
         self.act_dim = int(meta["action_space"]["shape"][0])
         self.low = np.asarray(meta["action_space"]["low"], dtype=np.float64)
@@ -233,23 +212,12 @@ class PolicyRuntime:
             x = x @ w
             x += b
             np.maximum(x, 0.0, out=x)
-        mean = x @ self.mean_w + self.mean_b
-        if self.mean_bound is not None:
-            mean = self.mean_bound * np.tanh(mean)
-        return x, mean
+        return x, self.spec.bound_mean(x @ self.mean_w + self.mean_b)
 
     def distribution_params(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean (B, d) and Cholesky factor L (B, d, d) for raw observations (B, o)."""
         x, mean = self._features(obs)
-        raw = x @ self.cov_w + self.cov_b
-        d = self.act_dim
-        tril = np.zeros((x.shape[0], d, d))
-        idx = np.arange(d)
-        tril[:, idx, idx] = np.exp(np.clip(raw[:, :d], *self.log_std_bounds))
-        if self.covariance == "cholesky" and d > 1:
-            rows, cols = np.tril_indices(d, -1)
-            tril[:, rows, cols] = np.clip(raw[:, d:], -self.offdiag_bound, self.offdiag_bound)
-        return mean, tril
+        return mean, self.spec.scale_tril(x @ self.cov_w + self.cov_b)
 
     def raw_action(
         self, obs: np.ndarray, deterministic: bool = True, rng: np.random.Generator | None = None

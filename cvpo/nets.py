@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import MultivariateNormal
 
+from cvpo.actor_spec import DEFAULT_LOG_STD_BOUNDS, HEAD_GAIN, OFFDIAG_BOUND, ActorSpec
+
 __all__ = ["ActorSnapshot", "EnsembleCritic", "GaussianActor", "joint_forward", "mlp", "polyak_update"]
 
 _HIDDEN_GAIN = math.sqrt(2.0)  # orthogonal gain for ReLU layers
-_HEAD_GAIN = 0.01  # small output heads: initial mean ≈ 0 (or 0 after tanh), initial σ ≈ 1
-_OFFDIAG_BOUND = 5.0  # clamp of the raw off-diagonal Cholesky entries (§5.1 clamps the raw head output)
 
 
 def _init_linear(layer: nn.Linear, gain: float) -> nn.Linear:
@@ -70,7 +70,7 @@ class GaussianActor(nn.Module):
         act_dim: int,
         hidden: Sequence[int] = (256, 256),
         covariance: str = "diag",
-        log_std_bounds: tuple[float, float] = (-20.0, 2.0),
+        log_std_bounds: tuple[float, float] = DEFAULT_LOG_STD_BOUNDS,
         mean_bound: float | None = None,
     ) -> None:
         super().__init__()
@@ -91,8 +91,8 @@ class GaussianActor(nn.Module):
         self.trunk = nn.Sequential(*_hidden_layers(self.obs_dim, hidden, nn.ReLU))
         feat = int(hidden[-1]) if len(hidden) else self.obs_dim
         n_cov = self.act_dim if covariance == "diag" else self.act_dim * (self.act_dim + 1) // 2
-        self.mean_head = _init_linear(nn.Linear(feat, self.act_dim), _HEAD_GAIN)
-        self.cov_head = _init_linear(nn.Linear(feat, n_cov), _HEAD_GAIN)
+        self.mean_head = _init_linear(nn.Linear(feat, self.act_dim), HEAD_GAIN)
+        self.cov_head = _init_linear(nn.Linear(feat, n_cov), HEAD_GAIN)
         rows, cols = torch.tril_indices(self.act_dim, self.act_dim, offset=-1)
         self.register_buffer("_offdiag_rows", rows, persistent=False)
         self.register_buffer("_offdiag_cols", cols, persistent=False)
@@ -125,11 +125,36 @@ class GaussianActor(nn.Module):
         d = self.act_dim
         tril = torch.diag_embed(self._std(raw))
         if self.covariance == "cholesky" and d > 1:
-            off = raw[..., d:].clamp(-_OFFDIAG_BOUND, _OFFDIAG_BOUND)
+            off = raw[..., d:].clamp(-OFFDIAG_BOUND, OFFDIAG_BOUND)
             lower = torch.zeros_like(tril)
             lower[..., self._offdiag_rows, self._offdiag_cols] = off
             tril = tril + lower
         return mean, tril
+
+    @torch.no_grad()
+    def describe(self) -> ActorSpec:
+        """This actor's weights (float32 NumPy copies, (in, out)) and constants: cvpo/actor_spec.py."""
+        if any(not isinstance(m, nn.Linear | nn.ReLU) for m in self.trunk):
+            raise ValueError("only Linear/ReLU trunks can be described")
+
+        def layer(m: nn.Linear) -> tuple[np.ndarray, np.ndarray]:
+            return np.ascontiguousarray(
+                m.weight.detach().cpu().float().numpy().T
+            ), m.bias.detach().cpu().float().numpy().copy()
+
+        mean_w, mean_b = layer(self.mean_head)
+        cov_w, cov_b = layer(self.cov_head)
+        return ActorSpec(
+            trunk=[layer(m) for m in self.trunk if isinstance(m, nn.Linear)],
+            mean_w=mean_w,
+            mean_b=mean_b,
+            cov_w=cov_w,
+            cov_b=cov_b,
+            covariance=self.covariance,
+            log_std_bounds=self.log_std_bounds,
+            mean_bound=self.mean_bound,
+            offdiag_bound=OFFDIAG_BOUND,
+        )
 
     def distribution(self, obs: Tensor) -> MultivariateNormal:
         mean, tril = self(obs)
@@ -240,21 +265,17 @@ class ActorSnapshot:
             raise ValueError("ActorSnapshot supports covariance='diag' only")
         self.actor = actor
         self.d = actor.act_dim
-        self.log_std_bounds = actor.log_std_bounds
-        self.mean_bound = actor.mean_bound
         self._x = np.zeros(actor.obs_dim, dtype=np.float32)
         self.refresh()
 
-    @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the actor's current weights (trunk layers, then mean and σ heads fused in one matrix)."""
-        linears = [m for m in self.actor.trunk if isinstance(m, nn.Linear)]
-        self.layers = [
-            (m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in linears
-        ]
-        heads = (self.actor.mean_head, self.actor.cov_head)
-        self.head_w = np.concatenate([h.weight.detach().cpu().numpy().T for h in heads], axis=1)
-        self.head_b = np.concatenate([h.bias.detach().cpu().numpy() for h in heads])
+        """Copy the actor's current description (trunk layers; mean and σ heads fused in one matrix)."""
+        self.spec = self.actor.describe()
+        self.layers = self.spec.trunk
+        # Column-major, as the heads' transposed weights always were here: einsum's summation order
+        # follows the layout, and float32 sums in another order would change every trajectory.
+        self.head_w = np.asfortranarray(np.concatenate([self.spec.mean_w, self.spec.cov_w], axis=1))
+        self.head_b = np.concatenate([self.spec.mean_b, self.spec.cov_b])
         self._h = [np.empty(w.shape[1], dtype=np.float32) for w, _ in self.layers]
         self._out = np.empty(self.head_w.shape[1], dtype=np.float32)
 
@@ -272,10 +293,8 @@ class ActorSnapshot:
             x = h
         out = np.einsum("i,ij->j", x, self.head_w, out=self._out)
         np.add(out, self.head_b, out=out)
-        mean = out[: self.d].astype(np.float64)
-        if self.mean_bound is not None:
-            mean = self.mean_bound * np.tanh(mean)
-        std = np.exp(np.clip(out[self.d : 2 * self.d], *self.log_std_bounds)).astype(np.float64)
+        mean = self.spec.bound_mean(out[: self.d].astype(np.float64))
+        std = self.spec.std(out[self.d :]).astype(np.float64)
         return mean, std
 
 

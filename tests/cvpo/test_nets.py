@@ -338,3 +338,26 @@ def test_polyak_update_on_actor_and_under_grad_mode() -> None:
         polyak_update(old, make_actor("diag"), 0.1)
     with pytest.raises(ValueError):
         polyak_update(old, actor, 1.5)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "cholesky"])
+def test_the_actor_describes_itself_once_for_every_numpy_reader(covariance: str) -> None:
+    """describe() → artefact tensors → ActorSpec round-trips, and its forward pieces match torch's."""
+    from cvpo.actor_spec import ActorSpec
+
+    torch.manual_seed(1)
+    actor = GaussianActor(5, 3, (16, 8), covariance=covariance, log_std_bounds=(-5.0, 0.5), mean_bound=2.0)
+    spec = actor.describe()
+    back = ActorSpec.from_tensors(spec.tensors(), spec.architecture())
+    assert back.architecture() == spec.architecture() and back.obs_dim == 5 and back.act_dim == 3
+    for (w, b), (w2, b2) in zip(spec.trunk, back.trunk, strict=True):
+        assert np.array_equal(w, w2) and np.array_equal(b, b2)
+    obs = torch.randn(7, 5)
+    with torch.no_grad():
+        mean, tril = actor(obs)
+    x = spec.astype(np.float64)
+    h = obs.numpy().astype(np.float64)
+    for w, b in x.trunk:
+        h = np.maximum(h @ w + b, 0.0)
+    np.testing.assert_allclose(x.bound_mean(h @ x.mean_w + x.mean_b), mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(x.scale_tril(h @ x.cov_w + x.cov_b), tril.numpy(), atol=1e-5)
