@@ -157,20 +157,16 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """The API's listening socket, bound here so the app is built knowing the address it really
-    serves (a name such as ``localhost`` resolved, 0.0.0.0 seen as what it is)."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
-            0
-        ]
-    except socket.gaierror as exc:
-        raise ServiceError(f"cannot resolve the bind address {host!r}: {exc}") from exc
-    sock = socket.socket(family, kind, proto)
+    serves (a name such as ``localhost`` resolved, 0.0.0.0 seen as what it is). IPv6 when the host
+    has a colon, as uvicorn decides."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(addr)
+        sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise ServiceError(f"cannot bind {host}:{port} ({exc.strerror}); set CVPO_PORT or --port") from exc
+        raise ServiceError(f"cannot bind {host}:{port} ({exc.strerror or exc}); set CVPO_PORT or --port") from exc
     sock.set_inheritable(True)
     return sock
 

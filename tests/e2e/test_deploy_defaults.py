@@ -171,3 +171,12 @@ def test_containers_do_not_run_as_root() -> None:
     assert "--requirepass" in redis_cmd, "the broker wants a password"
     for name in ("api", "worker"):
         assert re.match(r"redis://:\$\{REDIS_PASSWORD", compose["services"][name]["environment"]["REDIS_URL"])
+
+
+def test_cvpo_serve_refuses_auth_off_off_loopback_before_starting_anything(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())]
+    env = _env(tmp_path, CVPO_AUTH="off")
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "CVPO_AUTH=off" in done.stderr and "0.0.0.0" in done.stderr
+    assert not (tmp_path / "data" / "redis").exists(), "nothing was started"
