@@ -7,7 +7,7 @@
 | cancelling, lease expired | cancelled (last checkpoint kept) |
 | queued and unsent (or sent long ago) | sent |
 | Redis run_id changed | every queued job sent again; duplicates fail the claim |
-| queued, sent before the grace, message no longer in the broker (purged) | sent again |
+| queued and sent, but the message gone (purged) or taken by a consumer that never claimed it | sent again |
 """
 
 from __future__ import annotations
@@ -23,22 +23,29 @@ from core.store import Store
 log = logging.getLogger("cvpo.reconciler")
 
 RUN_ID_KEY = "broker_run_id"
+UNCLAIMED_S = 60.0  # a delivered, unacked message whose job is still queued this long is presumed lost
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue name + sep + priority, for priorities 3, 6, 9
 
 
-def _held_task_ids(queue: JobQueue) -> set[str] | None:
+def _held_task_ids(queue: JobQueue, unclaimed_s: float) -> set[str] | None:
     """Task ids of the messages Redis still holds for ``queue``: waiting in the list (and its
-    priority lists) or delivered and not yet acked. None when the broker cannot be read.
+    priority lists) or delivered less than ``unclaimed_s`` ago and not yet acked. None when the
+    broker cannot be read.
 
-    The list is read before the unacked hash, so a message moving between them is seen at least once
-    in the common case; one missed in that instant is sent twice and its duplicate fails the claim."""
+    A message delivered longer ago whose job is still queued was taken by a consumer that never
+    claimed it (a worker killed right after the delivery): Redis would hand it out again only after
+    the visibility timeout (49 h), so it counts as lost. The list is read before the unacked hash, so
+    a message moving between them is seen at least once in the common case; one missed in that
+    instant is sent twice and its duplicate fails the claim."""
     try:
         with queue._redis() as r:
             raw: list[bytes] = []
             for name in (queue.queue, *(f"{queue.queue}{PRIORITY_SEP}{p}" for p in (3, 6, 9))):
                 raw.extend(r.lrange(name, 0, -1))
             held = {_task_id(m) for m in raw}
-            held |= {_task_id(v, unacked=True) for v in r.hvals("unacked")}
+            recent = r.zrangebyscore("unacked_index", time.time() - unclaimed_s, "+inf")
+            if recent:
+                held |= {_task_id(v, unacked=True) for v in r.hmget("unacked", recent) if v is not None}
     except Exception as exc:
         log.warning("could not read the broker's queue: %s", exc)
         return None
@@ -95,7 +102,7 @@ def reconcile(store: Store, queue: JobQueue, outbox_grace_s: float = 30.0, now: 
         # Sent, but the broker lost the message (a purge, a restart without AOF whose run_id we missed).
         sent_before = time.time() - outbox_grace_s
         sent = [j for j in store.queued_jobs() if j.enqueued_at is not None and j.enqueued_at <= sent_before]
-        held = _held_task_ids(queue) if sent else None
+        held = _held_task_ids(queue, max(outbox_grace_s, UNCLAIMED_S)) if sent else None
         if held is not None:
             lost = [j for j in sent if f"{j.id}:{j.attempt}" not in held]
             if lost:

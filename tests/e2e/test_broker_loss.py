@@ -8,6 +8,7 @@ Celery worker, real store; the reconciler is run by hand as the API's loop would
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -46,6 +47,27 @@ def test_a_purged_queue_is_resent_from_the_outbox_and_the_job_runs(api: Any, ser
     final = wait_job(api, job["id"], {"succeeded", "failed"}, 240)
     assert final["status"] == "succeeded", final.get("failure")
     assert final["attempt"] == 1
+
+
+def test_a_message_taken_by_a_consumer_that_died_unclaimed_is_resent(api: Any, service: Service) -> None:
+    """A worker SIGKILLed right after Redis delivered it a message, before it claimed the job: the
+    message sits in kombu's unacked hash, handed out again only after the visibility timeout (49 h).
+    Redis is put in exactly that state by hand (what kombu's QoS.append writes on delivery)."""
+    job = post_job(api, TINY_SPEC).json()
+    r = redis.Redis.from_url(service.settings.redis_url)
+    raw = r.rpop(service.settings.queue)
+    assert raw is not None
+    tag = json.loads(raw)["properties"]["delivery_tag"]
+    r.hset("unacked", tag, json.dumps([json.loads(raw), "", service.settings.queue]))
+    r.zadd("unacked_index", {tag: time.time()})
+    assert service.reconcile()["sent"] == [], "just delivered: its consumer may be about to claim it"
+
+    r.zadd("unacked_index", {tag: time.time() - 600})  # delivered 10 minutes ago, still unclaimed
+    assert service.reconcile()["sent"] == [job["id"]]
+    assert r.llen(service.settings.queue) == 1
+    service.start_worker()
+    final = wait_job(api, job["id"], {"succeeded", "failed"}, 240)
+    assert final["status"] == "succeeded", final.get("failure")
 
 
 def _worker_ready(worker: Any) -> bool:
