@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
 from typing import Any
 
-from celery.signals import worker_shutting_down
+from celery.signals import worker_ready, worker_shutting_down
 
 from core.celery_app import EVALUATE_TASK, RECONCILE_TASK, TRAIN_TASK, app
 from core.settings import Settings
-from core.store import Store
+from core.store import JobRecord, NotFoundError, Store
 
 log = logging.getLogger("cvpo.worker")
 
@@ -35,10 +40,117 @@ def node_prefix(parent_pid: int) -> str:
     return f"{socket.gethostname()}:{parent_pid}:"
 
 
+def worker_id(parent_pid: int) -> str:
+    """The worker's record in the store: ``host:worker-pid``, the prefix of its jobs' lease owners."""
+    return node_prefix(parent_pid)[:-1]
+
+
+# Device nodes of GPUs torch can drive (NVIDIA, WSL's, ROCm's): without any, CUDA cannot be there and
+# the probe need not load torch at all.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+_CUDA_PROBE = (
+    "import json, torch\n"
+    "n = torch.cuda.device_count() if torch.cuda.is_available() else 0\n"
+    "print(json.dumps({'n': n, 'names': [torch.cuda.get_device_name(i) for i in range(n)]}))\n"
+)
+
+
+def probe_capabilities() -> dict[str, Any]:
+    """What jobs this machine can run (issue #23 item 13). CUDA is probed in a subprocess: initialising it
+    in the Celery parent would break every forked child (pytorch#40403)."""
+    caps: dict[str, Any] = {"cpu": True, "cuda": False, "cuda_devices": 0, "host": socket.gethostname()}
+    if not any(Path(p).exists() for p in GPU_DEVICE_NODES):
+        return caps
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _CUDA_PROBE], capture_output=True, text=True, timeout=300, check=True
+        )
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+        caps.update(cuda=info["n"] > 0, cuda_devices=info["n"], cuda_names=info["names"])
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError) as exc:
+        log.warning("could not probe for CUDA (registering as CPU only): %s", exc)
+    return caps
+
+
+class WorkerRegistry(threading.Thread):
+    """This worker's record in the store (issue #23 items 12 and 13), kept by the Celery main process:
+    registered with its queue and capabilities, renewed every CVPO_HEARTBEAT_S, marked stopped on a
+    graceful shutdown. Its own store, disposed after every use, so forked children inherit no open
+    SQLite connection."""
+
+    def __init__(self, s: Settings, wid: str) -> None:
+        super().__init__(name="worker-registry", daemon=True)
+        self.settings, self.id = s, wid
+        self.halt = threading.Event()
+        self.store: Store | None = None
+
+    def run(self) -> None:
+        caps = probe_capabilities()
+        registered = False
+        while True:
+            try:
+                if self.store is None:
+                    self.store = Store(self.settings.resolved_database_url, self.settings.data_dir)
+                if not registered or not self.store.worker_seen(self.id):
+                    self.store.register_worker(self.id, self.settings.queue, caps)
+                    if not registered:
+                        log.info("worker %s registered on queue %s: %s", self.id, self.settings.queue, caps)
+                    registered = True
+            except Exception:  # the store is down: the next beat retries
+                log.exception("worker %s could not renew its registration", self.id)
+            finally:
+                if self.store is not None:
+                    self.store.engine.dispose()
+            if self.halt.wait(self.settings.heartbeat_s):
+                return
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=5)
+        if self.store is not None:
+            self.store.worker_stopped(self.id)
+            self.store.engine.dispose()
+
+
+_registry: WorkerRegistry | None = None
+
+
+@worker_ready.connect
+def _register_worker(sender: Any = None, **_: Any) -> None:
+    """The main process, once it consumes: announce this worker (the children never run this)."""
+    global _registry
+    if _registry is None:
+        _registry = WorkerRegistry(settings(), worker_id(os.getpid()))
+        _registry.start()
+
+
+def cuda_available() -> bool:
+    """Whether this worker can train on CUDA: its registered capabilities, or torch here when it has none."""
+    try:
+        record = store().get_worker(worker_id(os.getppid()))
+    except Exception:
+        record = None
+    if record is not None:
+        return bool((record.get("capabilities") or {}).get("cuda"))
+    import torch  # the child imports it to train anyway
+
+    return bool(torch.cuda.is_available())
+
+
 @app.task(name=TRAIN_TASK)
 def train(job_id: str, attempt: int) -> dict[str, Any]:
     s = settings()
     owner = f"{node_prefix(os.getppid())}{os.getpid()}"
+    try:
+        job: JobRecord | None = store().get_job(job_id)
+    except NotFoundError:
+        job = None
+    if job is not None and job.status == "queued" and job.spec.get("device") == "cuda" and not cuda_available():
+        # A CPU worker sharing the queue with CUDA ones: leave the job queued and unclaimed for one of
+        # them (the reconciler sends it again after CVPO_OUTBOX_GRACE_S), never fail it here (issue #23).
+        if store().hand_back(job_id, attempt):
+            log.warning("job %s attempt %d asks for CUDA and this worker has none; handed back", job_id, attempt)
+        return {"job_id": job_id, "attempt": attempt, "claimed": False, "handed_back": True}
     if not store().claim(job_id, attempt, owner, s.lease_ttl_s):
         # A duplicate (redelivery, reconciler re-send, requeue after a kill): someone else owns it.
         log.info("job %s attempt %d not claimable; dropping this message", job_id, attempt)
@@ -96,7 +208,13 @@ def reconcile_task() -> dict[str, Any]:
 
 @worker_shutting_down.connect
 def _requeue_on_shutdown(sig: str = "", how: str = "", exitcode: int = 0, **_: Any) -> None:
-    """SIGTERM: ask our running jobs to checkpoint and go back to the queue without spending an attempt."""
+    """SIGTERM: ask our running jobs to checkpoint and go back to the queue without spending an attempt;
+    mark this worker stopped, so the API stops counting it at once."""
+    if _registry is not None:
+        try:
+            _registry.stop()
+        except Exception:
+            log.exception("could not mark this worker stopped")
     try:
         n = store().request_requeue(node_prefix(os.getpid()))
         if n:

@@ -172,7 +172,10 @@ def test_hypothesis_job_bodies(service: Service) -> None:
 
     from api.app import create_app
 
-    app = create_app(service.settings.with_(max_active_jobs_per_client=10**6, max_queued=10**6))
+    # device "cuda" is valid only where a CUDA worker is registered (issue #23 item 13): one is, through
+    # the workers' own store function, and counts as live for the whole run (a long lease TTL).
+    app = create_app(service.settings.with_(max_active_jobs_per_client=10**6, max_queued=10**6, lease_ttl_s=24 * 3600))
+    service.store().register_worker("gpu-host:1", service.settings.queue, {"cpu": True, "cuda": True})
     seen: dict[str, list[int]] = {"valid": [], "mutated": []}
     with TestClient(app) as client:
         client.headers["Authorization"] = f"Bearer {TOKEN}"
