@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import Request
 
@@ -68,6 +68,8 @@ class TokenCache:
     looked up at once, past that new ones are a 503 rather than a growing queue. Unknown digests kept
     are capped at ``max_unknown`` (oldest dropped first), so random tokens cannot grow memory."""
 
+    active: ClassVar[TokenCache | None] = None  # the newest; api/shedding.py answers known-bad tokens from it
+
     def __init__(
         self,
         store: Store,
@@ -85,6 +87,7 @@ class TokenCache:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(lookup_threads, thread_name_prefix="token-lookup")
         self._pending: dict[str, asyncio.Future[Principal | None]] = {}
+        TokenCache.active = self
 
     def cached(self, digest: str) -> tuple[bool, Principal | None]:
         """(whether the cache knows this digest now, its Principal or None)."""
@@ -133,7 +136,7 @@ class TokenCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _credentials(settings: Settings, path: str, header: str | None) -> Principal | str:
+def credentials(settings: Any, path: str, header: str | None) -> Principal | str:
     """The Principal needing no lookup (auth off, a public path), else the raw token; 401 if malformed."""
     if not settings.auth:
         return LOCAL_ADMIN
@@ -149,7 +152,7 @@ def _credentials(settings: Settings, path: str, header: str | None) -> Principal
 
 async def authenticate_headers(state: Any, path: str, header: str | None) -> Principal:
     """``authenticate`` for the middleware, before the body is read: misses off the event loop."""
-    found = _credentials(state.settings, path, header)
+    found = credentials(state.settings, path, header)
     if isinstance(found, Principal):
         return found
     principal = await state.tokens.resolve_async(found)
@@ -164,7 +167,7 @@ def authenticate(request: Request) -> Principal:
     early = request.scope.get("state", {}).get("principal")
     if early is not None:
         return early
-    found = _credentials(state.settings, request.url.path, request.headers.get("authorization"))
+    found = credentials(state.settings, request.url.path, request.headers.get("authorization"))
     if isinstance(found, Principal):
         return found
     principal = state.tokens.resolve(found)

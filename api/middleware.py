@@ -55,6 +55,17 @@ class Pending:
 
 
 BODY_METHODS = ("POST", "PUT", "PATCH")
+PENDING_KEY = "cvpo_pending"  # in scope["state"]: the protocol counted this request in Pending
+
+
+def checks_headers_first(method: str, path: str, has_authorization: bool) -> bool:
+    """Whether the middleware authenticates this request on its headers (and reads its body) before
+    it may take an in-flight slot; api/shedding.py asks the same question of the parsed headers."""
+    if path in HEALTH or (method == "GET" and is_stream_path(path)):
+        return False
+    return method in BODY_METHODS or has_authorization
+
+
 TIMEOUT_TYPE = "/problems/request-timeout"
 CLOSE = {"Connection": "close"}  # uvicorn closes the connection after a response carrying it
 
@@ -106,10 +117,13 @@ class LimitsMiddleware:
                 OpenStreams.count -= 1
             return
         has_body = scope["method"] in BODY_METHODS
+        counted = scope["state"].pop(PENDING_KEY, False)  # api/shedding.py counted it in Pending already
         body = b""
         if has_body or b"authorization" in headers:
             # Headers first: who is asking, before a byte of the body is read or a slot is taken.
-            Pending.count += 1
+            if not counted:
+                Pending.count += 1
+            problem = None
             try:
                 problem = await self._authenticate(scope, headers)
                 if problem is None and has_body:
@@ -117,11 +131,13 @@ class LimitsMiddleware:
                     body, problem = await self._read_body(headers, receive, limit, _body_timeout(scope))
                     if problem is None and body and not _is_json(headers.get(b"content-type", b"")):
                         problem = Problem(415, "send the body as application/json")
+                if problem is not None:
+                    await self._problem(scope, send_with_id, problem)
+                    return
             finally:
-                Pending.count -= 1
-            if problem is not None:
-                await self._problem(scope, send_with_id, problem)
-                return
+                _leave_pending(at_task_end=problem is not None)
+        elif counted:
+            Pending.count -= 1
         if self.inflight >= self.max_inflight:
             await self._problem(scope, send_with_id, BUSY)
             return
@@ -209,6 +225,21 @@ def is_stream_path(path: str) -> bool:
     """Exactly ``/jobs/{one segment}/events``, the server-sent event stream of a job."""
     parts = path.split("/")
     return len(parts) == 4 and parts[1] == "jobs" and parts[2] != "" and parts[3] == "events"
+
+
+def _leave_pending(at_task_end: bool) -> None:
+    """A request answered before admission stays pending until its task is done: uvicorn drops the
+    task from its set only then, and api/shedding.py would count it as in flight meanwhile (under
+    an invalid-token flood that turned valid /act requests away)."""
+    task = asyncio.current_task() if at_task_end else None
+    if task is None:
+        Pending.count -= 1
+    else:
+        task.add_done_callback(_pending_done)
+
+
+def _pending_done(_task: object) -> None:
+    Pending.count -= 1
 
 
 def _body_timeout(scope: Scope) -> float:

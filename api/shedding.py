@@ -35,16 +35,31 @@ from __future__ import annotations
 import asyncio
 import urllib.parse
 from collections import Counter as Tally
+from http import HTTPStatus
 
 import httptools
 import orjson
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from api.auth import TokenCache, credentials
 from api.errors import PROBLEM_JSON, Problem, problem_document
-from api.middleware import BUSY, HEALTH, TIMEOUT_TYPE, OpenStreams, Pending, is_act_path, request_id
+from api.middleware import (
+    BUSY,
+    HEALTH,
+    PENDING_KEY,
+    TIMEOUT_TYPE,
+    OpenStreams,
+    Pending,
+    checks_headers_first,
+    is_act_path,
+    request_id,
+)
+from core.settings import Settings
+from core.store import hash_token
 
 ACT_SHED = Counter("act_shed_total", "/act requests answered 503 at the in-flight cap before the app ran")
+AUTH_SHED = Counter("auth_shed_total", "requests answered 401 from their headers alone, before the app ran")
 
 
 class _NoEvent:
@@ -66,11 +81,15 @@ TOO_MANY_FROM_PEER = Problem(503, "too many open connections from this address",
 HEADER_TIMEOUT = Problem(408, "the request headers did not arrive in time", type=TIMEOUT_TYPE, title="Request timeout")
 
 
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
 def _problem_bytes(
     problem: Problem, path: str | None, request_id: str, default_headers: list[tuple[bytes, bytes]], close: bool
 ) -> bytes:
     body = orjson.dumps(problem_document(problem, path, request_id))
-    head = [b"HTTP/1.1 503 Service Unavailable\r\n" if problem.status == 503 else b"HTTP/1.1 408 Request Timeout\r\n"]
+    head = [f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}\r\n".encode()]
     head += [name + b": " + value + b"\r\n" for name, value in default_headers]
     for name, value in problem.headers.items():
         head.append(f"{name.lower()}: {value}\r\n".encode("latin-1"))
@@ -93,12 +112,9 @@ def shedding_protocol(
     any request (health probes excepted) on a connection past ``max_connections``, closes connections
     whose headers take over ``header_timeout_s``, and caps connections per client address at
     ``max_per_peer`` (0: no cap). The last two default to the environment's settings."""
-    if header_timeout_s is None or max_per_peer is None:
-        from core.settings import Settings
-
-        settings = Settings.from_env()
-        header_timeout_s = settings.header_timeout_s if header_timeout_s is None else header_timeout_s
-        max_per_peer = settings.max_connections_per_peer if max_per_peer is None else max_per_peer
+    settings = Settings.from_env()  # CVPO_AUTH and CVPO_PUBLIC_PATHS, as the app reads them
+    header_timeout_s = settings.header_timeout_s if header_timeout_s is None else header_timeout_s
+    max_per_peer = settings.max_connections_per_peer if max_per_peer is None else max_per_peer
     per_peer: Tally[str] = Tally()  # open connections by client address, in this server
 
     class SheddingProtocol(HttpToolsProtocol):
@@ -160,23 +176,52 @@ def shedding_protocol(
 
         def on_headers_complete(self) -> None:
             self._disarm_header_timer()
-            over_connections = self.over_connections
-            if (
-                (over_connections or len(self.tasks) - OpenStreams.count - Pending.count >= max_inflight)
-                and (self.cycle is None or self.cycle.response_complete)  # not behind a pipelined request
-                and not self.parser.should_upgrade()
-            ):
+            if (self.cycle is None or self.cycle.response_complete) and not self.parser.should_upgrade():
+                # Not behind a pipelined request: this one may be answered here, before a task exists.
                 path = httptools.parse_url(self.url).path.decode("latin-1")
                 if "%" in path:
                     path = urllib.parse.unquote(path)  # as uvicorn builds scope["path"]
-                if over_connections and path not in HEALTH:
+                if self.over_connections and path not in HEALTH:
                     self._answer(TOO_MANY_CONNECTIONS, path, close=True)
                     return
-                if self.parser.get_method() == b"POST" and is_act_path(path):
+                method = self.parser.get_method().decode("latin-1")
+                header = next((v for n, v in self.headers if n == b"authorization"), None)
+                unknown = False
+                if checks_headers_first(method, path, header is not None):
+                    verdict = self._token_verdict(path, header)
+                    if isinstance(verdict, Problem):
+                        self._answer(verdict, path, close=True)
+                        AUTH_SHED.inc()
+                        return
+                    unknown = verdict is None
+                busy = len(self.tasks) - OpenStreams.count - Pending.count >= max_inflight
+                if busy and method == "POST" and is_act_path(path):
                     self._answer(BUSY, path, close=False)
                     ACT_SHED.inc()
                     return
+                if unknown:
+                    # Its token is looked up before it can compete for a slot: until then it is
+                    # pending, so a flood of unknown tokens does not make /act look over the cap.
+                    self.scope["state"][PENDING_KEY] = True
+                    Pending.count += 1
             super().on_headers_complete()
+
+        def _token_verdict(self, path: str, header: bytes | None) -> Problem | bool | None:
+            """A 401 when the headers alone show the token is missing, malformed or known to be unknown;
+            True when it needs no lookup (a known token, auth off, a public path); None: look it up."""
+            try:
+                found = credentials(settings, path, None if header is None else header.decode("latin-1"))
+            except Problem as problem:
+                return _unauthorized(problem.detail)
+            if not isinstance(found, str):
+                return True
+            cache = TokenCache.active
+            if cache is None:
+                return None
+            known, principal = cache.cached(hash_token(found))
+            if not known:
+                return None
+            return True if principal is not None else _unauthorized("unknown API token")
 
         def _answer(self, problem: Problem, path: str, close: bool) -> None:
             rid = request_id(next((v for n, v in self.headers if n == b"x-request-id"), b""))

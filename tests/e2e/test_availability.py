@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -202,3 +206,82 @@ def test_one_address_cannot_take_every_connection(guarded: Live) -> None:
     finally:
         for sock in flood:
             sock.close()
+
+
+# ------------------------------------------------------------------------- item 3: token floods
+
+
+@pytest.fixture
+def in_process(tmp_path: Path) -> Iterator[tuple[Any, int, str, str]]:
+    """The app under uvicorn with api/shedding.py's protocol in a thread of this process (so a test can
+    slow its store down), CVPO_MAX_INFLIGHT=2: (app, port, policy id, act-only token)."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.shedding import shedding_protocol
+    from core.settings import Settings
+    from core.store import Store
+    from tests.api.artefact_factory import write_random_artefact
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        redis_url="redis://127.0.0.1:9/0",  # nothing listens: /act never touches the broker
+        api_token=TOKEN,
+        reconcile_every_s=0.0,
+        max_inflight=2,
+    )
+    store = Store(settings.resolved_database_url, settings.data_dir)
+    artefact = write_random_artefact(settings.data_dir / "policies" / "synthetic", obs_dim=OBS_DIM)
+    policy_id = store.create_policy_from_artefact(artefact, "admin", job_id="job_synthetic").id
+    _, controller = store.create_token("arm", ["policies:act"], client="admin")
+    store.engine.dispose()
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=shedding_protocol(2, 100), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 60, "the in-process server to start")
+        yield app, port, policy_id, controller
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_unknown_tokens_being_looked_up_do_not_take_the_slots_of_act(in_process: tuple[Any, int, str, str]) -> None:
+    """Four requests with new invalid tokens wait for a slow token lookup (the store is made to take
+    3 s per lookup) when a controller with a cached token sends /act, with CVPO_MAX_INFLIGHT=2: the
+    controller's 200 comes while the four still wait, and they then get 401. Before, /act looked
+    tokens up on the event loop, so the controller waited behind every lookup (and the four counted
+    as in flight meanwhile). A repeated invalid token is then answered 401 from its headers alone
+    (its digest is cached as unknown)."""
+    app, port, policy_id, controller = in_process
+    live = Live(port, Path("."), Path("."), {}, policy_id, controller, None)  # type: ignore[arg-type]
+    assert live.raw(act_request(live))[0] == 200  # loads the policy, caches the controller's token
+    store = app.state.store
+    real = store.lookup_token
+
+    def slow(digest: str) -> Any:
+        time.sleep(3.0)
+        return real(digest)
+
+    store.lookup_token = slow
+    bad = [f"invalid-{i}-{time.monotonic_ns()}" for i in range(4)]
+    flood = [connect(live) for _ in bad]
+    try:
+        for sock, token in zip(flood, bad, strict=True):
+            sock.sendall(request_bytes("POST", f"/policies/{policy_id}/act", token, act_body()))
+        time.sleep(0.3)  # all four are waiting for their lookups
+        status, _, body, _ = live.raw(act_request(live))
+        assert status == 200, body
+        answered = select.select(flood, [], [], 0)[0]
+        assert not answered, f"{len(answered)} invalid-token requests were answered before the controller"
+        statuses = [read_response(sock)[0] for sock in flood]
+        assert statuses == [401] * 4, statuses
+    finally:
+        for sock in flood:
+            sock.close()
+    status, headers, body, _ = live.raw(request_bytes("POST", "/jobs", bad[0], b"{}"))
+    assert status == 401 and headers["www-authenticate"] == "Bearer", body
+    assert json.loads(body)["detail"] == "unknown API token"
