@@ -689,6 +689,17 @@ class Store:
                 )
             return _job(c.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()), False
 
+    def idempotent_job_id(self, client: str, key: str) -> str | None:
+        """The job an unexpired ``Idempotency-Key`` of this client created, if any (its replay answers it)."""
+        with self._read() as c:
+            return c.execute(
+                sa.select(idempotency.c.job_id).where(
+                    idempotency.c.client == client,
+                    idempotency.c.key == key,
+                    idempotency.c.created_at >= time.time() - IDEMPOTENCY_TTL_S,
+                )
+            ).scalar_one_or_none()
+
     def get_job(self, job_id: str, client: str | None = None) -> JobRecord:
         """The job, or NotFoundError (also for another client's job: no existence leak)."""
         with self._read() as c:

@@ -289,8 +289,12 @@ async def create_job(
     echoed, config = resolve_spec(spec)
     settings = request.app.state.settings
     store = store_of(request)
-    if spec.device == "cuda":
-        await asyncio.to_thread(refuse_without_cuda_worker, store, settings)
+    if spec.device == "cuda":  # a replay answers what was accepted, whatever the workers are now
+        replay = idempotency_key is not None and await asyncio.to_thread(
+            store.idempotent_job_id, principal.client, idempotency_key
+        )
+        if not replay:
+            await asyncio.to_thread(refuse_without_cuda_worker, store, settings)
     body_sha = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
     try:
         job, replayed = await asyncio.to_thread(

@@ -61,7 +61,7 @@ def test_cuda_job_is_accepted_with_a_cuda_worker_and_a_cpu_worker_hands_it_back(
     wait_registered(service)
     store = service.store()
     with cuda_worker_record(service):
-        resp = post_job(api, CUDA_SPEC)
+        resp = post_job(api, CUDA_SPEC, **{"Idempotency-Key": "gpu-run-1"})
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
         assert api.get(f"/jobs/{job_id}").json()["queue"]["cuda_workers"] == 1
@@ -80,3 +80,8 @@ def test_cuda_job_is_accepted_with_a_cuda_worker_and_a_cpu_worker_hands_it_back(
     queue = api.get(f"/jobs/{job_id}").json()["queue"]
     assert queue["workers"] == 1 and queue["cuda_workers"] == 0
     assert "asks for device 'cuda'" in queue["waiting_for"]
+    # A retry of the accepted request replays it; a new CUDA job is refused again.
+    replay = post_job(api, CUDA_SPEC, **{"Idempotency-Key": "gpu-run-1"})
+    assert replay.status_code == 202 and replay.headers["idempotent-replayed"] == "true"
+    assert replay.json()["id"] == job_id
+    assert_problem(post_job(api, CUDA_SPEC, **{"Idempotency-Key": "gpu-run-2"}), 409)

@@ -5,6 +5,7 @@ revoked or expires, and one store poller per job however many streams follow it.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -124,41 +125,46 @@ def test_a_stream_ends_after_its_lifetime_and_resumes_from_last_event_id_without
     with live_api(service, stream_max_s=1.0) as (base, _app):
         job_id = new_job(client, base)
         store = service.store()
-        written = 60
+        seen: list[tuple[int, str, str]] = []
+        connections = 0
 
-        def writer() -> None:  # the job's events keep coming while the streams end and resume
-            for i in range(written):
+        def follow() -> None:
+            """One connection, resumed after the last event seen, read until the server ends it."""
+            nonlocal connections
+            headers = {**ADMIN, **({"Last-Event-ID": str(seen[-1][0])} if seen else {})}
+            with client.stream("GET", f"{base}/jobs/{job_id}/events", headers=headers) as resp:
+                assert resp.status_code == 200
+                connections += 1
+                seen.extend((int(f["id"]), f["event"], f["data"]) for f in read_frames(resp) if "id" in f)
+
+        for i in range(20):  # before any stream
+            store.log(job_id, f"line {i}")
+        follow()  # ends by itself after its lifetime (the job is still queued)
+        assert [s[0] for s in seen] == list(range(1, 22))
+        for i in range(20, 40):  # while no stream is open
+            store.log(job_id, f"line {i}")
+
+        def writer() -> None:  # and while the streams end and resume
+            for i in range(40, 60):
                 store.log(job_id, f"line {i}")
                 time.sleep(0.05)
 
         thread = threading.Thread(target=writer, daemon=True)
         thread.start()
-        seen: list[tuple[int, str, str]] = []
-        connections = 0
         deadline = time.monotonic() + 120
-        while len(seen) < written + 1:  # the "queued" status event and every log line
+        while len(seen) < 61 or thread.is_alive():  # the "queued" status event and 60 log lines
             assert time.monotonic() < deadline, f"only {len(seen)} events after 120 s"
-            headers = {**ADMIN, **({"Last-Event-ID": str(seen[-1][0])} if seen else {})}
-            with client.stream("GET", f"{base}/jobs/{job_id}/events", headers=headers) as resp:
-                assert resp.status_code == 200
-                connections += 1
-                for frame in read_frames(resp):  # returns when the server ends the stream
-                    if "id" in frame:
-                        seen.append((int(frame["id"]), frame["event"], frame["data"]))
-        thread.join(timeout=30)
-        assert connections >= 2, "the stream never ended by itself"
-        assert [s[0] for s in seen] == list(range(1, written + 2)), "events skipped or repeated across resumes"
+            follow()
+        assert connections >= 2
+        assert [s[0] for s in seen] == list(range(1, 62)), "events skipped or repeated across resumes"
         assert seen[0][1] == "status"
-        assert [s[2].split('"message":"')[1].split('"')[0] for s in seen[1:]] == [f"line {i}" for i in range(written)]
+        assert [json.loads(s[2])["message"] for s in seen[1:]] == [f"line {i}" for i in range(60)]
 
-        # Once the job ends, a resumed stream sends what is left and ends (no lifetime needed).
+        # Once the job ends, a resumed stream sends what is left and ends by itself.
         assert client.post(f"{base}/jobs/{job_id}/cancel", headers=ADMIN).status_code == 200
-        with client.stream(
-            "GET", f"{base}/jobs/{job_id}/events", headers={**ADMIN, "Last-Event-ID": str(seen[-1][0])}
-        ) as r:
-            rest = [f for f in read_frames(r) if "id" in f]
-        assert [(int(f["id"]), f["event"]) for f in rest] == [(written + 2, "status")]
-        assert '"cancelled"' in rest[0]["data"]
+        follow()
+        assert [(s[0], s[1]) for s in seen[61:]] == [(62, "status")]
+        assert json.loads(seen[-1][2])["status"] == "cancelled"
 
 
 def test_a_revoked_or_expired_token_ends_its_open_stream(service: Service, client: httpx.Client) -> None:
