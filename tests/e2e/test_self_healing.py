@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from core.store import Store
 from service.launcher import free_port
@@ -46,6 +47,14 @@ def _children(pid: int) -> dict[str, int]:
         elif b"service.cli" in argv and len(argv) > argv.index(b"service.cli") + 1:
             found[argv[argv.index(b"service.cli") + 1].decode()] = child
     return found
+
+
+def _broker(tmp: Path, redis_pid: int) -> redis.Redis:
+    """A client of serve's Redis: port from its process title, password from the data dir."""
+    title = Path(f"/proc/{redis_pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    port = int(title.rsplit(":", 1)[1])
+    password = (tmp / "data" / "redis_password").read_text().strip()
+    return redis.Redis(port=port, password=password, socket_timeout=5)
 
 
 def _spec(steps: int) -> dict[str, Any]:
@@ -129,7 +138,7 @@ def test_cvpo_serve_restarts_a_killed_redis_and_worker_and_act_keeps_answering(t
         acts: list[int] = []
 
         def act() -> None:
-            r = httpx.post(f"{serve.base}/policies/{policy.id}/act", json=act_body, headers=act_headers, timeout=5)
+            r = httpx.post(f"{serve.base}/policies/{policy.id}/act", json=act_body, headers=act_headers, timeout=15)
             assert r.status_code == 200, (r.status_code, r.text)
             acts.append(r.status_code)
 
@@ -156,10 +165,15 @@ def test_cvpo_serve_restarts_a_killed_redis_and_worker_and_act_keeps_answering(t
         for victim in ("redis", "worker"):
             before = wait_until(running_and_queued, 240, f"a running and a queued job before killing {victim}", 0.5)
             old = serve.children()[victim]
+            if victim == "redis":
+                broker = _broker(tmp_path, old)
+                broker.set("self-healing-marker", "written before the kill")
             os.kill(old, signal.SIGKILL)
             killed_at = time.monotonic()
             new = wait_until(functools.partial(replaced, victim, old), 90, f"{victim} to be restarted", 0.2)
             wait_until(lambda: act() is None and serve.ready(), 90, f"the service to be ready after {victim}")
+            if victim == "redis":  # the write was in the AOF (write(2) before the reply) and came back
+                assert _broker(tmp_path, new).get("self-healing-marker") == b"written before the kill"
             print(f"{victim}: killed {old} with {before}; {new} up after {time.monotonic() - killed_at:.1f} s")
 
         def finished() -> dict[str, str] | None:
