@@ -287,6 +287,8 @@ def serve(settings: Settings) -> int:
         while not stopping:
             now = time.monotonic()
             for child in children:
+                if stopping:  # Ctrl-C reaches the children too (one process group): their exits are no deaths
+                    break
                 if child.proc is not None and child.proc.poll() is not None:
                     code = child.proc.returncode
                     if code == CONFIG_ERROR:
