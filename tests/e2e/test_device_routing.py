@@ -4,6 +4,7 @@ the workers use), and never failed as an internal error by a CPU worker that rec
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,12 +49,18 @@ def test_cuda_job_is_refused_while_no_worker_with_cuda_is_registered(api: Any, s
     assert body["type"] == "/problems/no-cuda-worker" and "no live worker" in body["detail"]
     assert body["cuda_workers"] == 0 and body["queue"] == service.settings.queue
 
-    service.start_worker()
+    worker = service.start_worker()
     record = wait_registered(service)
     assert record["capabilities"]["cuda"] is False  # this machine has no GPU
+    assert record["id"] == f"{socket.gethostname()}:{worker.proc.pid}"
     body = assert_problem(post_job(api, CUDA_SPEC), 409)
     assert "1 live worker(s), none with CUDA" in body["detail"] and "device 'auto' or 'cpu'" in body["detail"]
     assert api.get("/jobs").json()["items"] == [], "nothing was queued"
+
+    assert worker.stop() == 0  # a graceful stop marks the record stopped: no longer live at once
+    store, s = service.store(), service.settings
+    assert store.get_worker(record["id"])["stopped_at"] is not None
+    assert store.live_workers(s.queue, s.lease_ttl_s) == []
 
 
 def test_cuda_job_is_accepted_with_a_cuda_worker_and_a_cpu_worker_hands_it_back(api: Any, service: Service) -> None:
