@@ -214,3 +214,26 @@ def test_one_poller_per_job_fans_out_to_all_its_streams(service: Service, client
             resp.close()
         hub = app.state.event_hub
         wait_until(lambda: not hub.pollers and hub.open == 0, 30, "pollers and slots gone with their streams")
+
+
+def test_a_burst_larger_than_the_poller_buffer_reaches_every_stream_in_order(
+    service: Service, client: httpx.Client
+) -> None:
+    from api.routes.jobs import SSE_BUFFER
+
+    burst = SSE_BUFFER + 500
+    with live_api(service, stream_max_s=300) as (base, _app):
+        job_id = new_job(client, base)
+        live = open_stream(client, base, job_id, ADMIN)  # follows from the start, read only after the burst
+        assert live.status_code == 200
+        store = service.store()
+        for i in range(burst):
+            store.log(job_id, f"burst {i}")
+        late = open_stream(client, base, job_id, {**ADMIN, "Last-Event-ID": "10"})  # resumes far behind
+        assert late.status_code == 200
+        assert client.post(f"{base}/jobs/{job_id}/cancel", headers=ADMIN).status_code == 200  # streams can end
+        total = burst + 2  # "queued", the burst, "cancelled"
+        for resp, first in ((live, 1), (late, 11)):
+            ids = [int(f["id"]) for f in read_frames(resp, within_s=120) if "id" in f]
+            assert ids == list(range(first, total + 1)), (first, len(ids), ids[:3], ids[-3:])
+            resp.close()
