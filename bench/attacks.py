@@ -339,13 +339,47 @@ def measure(svc: Service, request: bytes, rate: float, seconds: float) -> dict[s
     return row
 
 
+SERVED_GOAL = 0.95  # share of the controller's keep-alive /act answered 200 under attack
+
+
+def attack_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one attack against its baseline, and whether it met the goal: the answered
+    keep-alive /act p99 within 2x the baseline's and at least 95 % of those requests answered 200."""
+    base, hit = row["baseline"], row["attacked"]
+    ratio = hit["ok_p99_ms"] / base["ok_p99_ms"] if hit["ok_p99_ms"] else None  # None: no /act answered 200
+    served = hit["statuses"].get("200", 0) / max(hit["requests"], 1)
+    return {
+        "baseline_p99_ms": round(base["ok_p99_ms"], 2),
+        "attacked_p99_ms": round(hit["ok_p99_ms"], 2) if hit["ok_p99_ms"] else None,
+        "ratio": round(ratio, 2) if ratio is not None else None,
+        "attacked_served_share": round(served, 3),
+        "baseline_statuses": base["statuses"],
+        "attacked_statuses": hit["statuses"],
+        "new_connection_baseline_statuses": base["new_connection"]["statuses"],
+        "new_connection_attacked_statuses": hit["new_connection"]["statuses"],
+        "new_connection_baseline_p99_ms": base["new_connection"]["ok_p99_ms"],
+        "new_connection_attacked_p99_ms": hit["new_connection"]["ok_p99_ms"],
+        "goal_met": ratio is not None and ratio <= 2.0 and served >= SERVED_GOAL,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per baseline and per attack (20)")
     parser.add_argument("--rate", type=float, default=50.0, help="controller /act requests per second (50)")
     parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated subset of {ATTACKS}")
     parser.add_argument("--out", type=Path, default=Path("bench/results/attacks.json"))
+    parser.add_argument("--resummarise", type=Path, help="recompute the summary of a result file in place, no run")
     args = parser.parse_args()
+    if args.resummarise:
+        result = json.loads(args.resummarise.read_text())
+        for row in result["attacks"].values():  # figures of an earlier version of this summary
+            for key in [k for k in row if k not in ("baseline", "attacked", "attacker")]:
+                del row[key]
+        result["summary"] = {name: attack_summary(r) for name, r in result["attacks"].items()}
+        args.resummarise.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["summary"], indent=2))
+        return
     attacks = [a for a in args.attacks.split(",") if a]
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
@@ -382,14 +416,7 @@ def main() -> None:
                 stop.set()
                 attacker = out.get(timeout=60)
                 proc.join(timeout=30)
-                ratio = (attacked["ok_p99_ms"] or float("inf")) / baseline["ok_p99_ms"]
-                rows[name] = {
-                    "baseline": baseline,
-                    "attacked": attacked,
-                    "attacker": attacker,
-                    "ok_p99_over_baseline_ok_p99": round(ratio, 2),
-                    "goal_met (p99 of answered /act <= 2x baseline)": ratio <= 2.0,
-                }
+                rows[name] = {"baseline": baseline, "attacked": attacked, "attacker": attacker}
                 print(json.dumps({name: rows[name]}, indent=1), flush=True)
                 time.sleep(2)  # the attacker's leftovers close
             watch.stop_event.set()
@@ -400,20 +427,7 @@ def main() -> None:
             svc.stop()
 
     lease = watch.summary() | {"attempt_at_end": job_end["attempt"], "status_at_end": job_end["status"]}
-    summary = {
-        name: {
-            "baseline_p99_ms": round(r["baseline"]["ok_p99_ms"], 2),
-            "attacked_p99_ms": round(r["attacked"]["ok_p99_ms"], 2) if r["attacked"]["ok_p99_ms"] else None,
-            "ratio": r["ok_p99_over_baseline_ok_p99"],
-            "baseline_statuses": r["baseline"]["statuses"],
-            "attacked_statuses": r["attacked"]["statuses"],
-            "new_connection_baseline_statuses": r["baseline"]["new_connection"]["statuses"],
-            "new_connection_attacked_statuses": r["attacked"]["new_connection"]["statuses"],
-            "new_connection_attacked_p99_ms": r["attacked"]["new_connection"]["ok_p99_ms"],
-            "goal_met": r["goal_met (p99 of answered /act <= 2x baseline)"],
-        }
-        for name, r in rows.items()
-    }
+    summary = {name: attack_summary(r) for name, r in rows.items()}
     print(json.dumps({"summary": summary, "lease": lease}, indent=2))
     write_result(
         args.out,
