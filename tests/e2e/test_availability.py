@@ -27,7 +27,7 @@ from service.launcher import free_port
 from tests.conftest import ROOT, TOKEN, RedisServer, WorkerProcess, env_for, service_settings, wait_until
 from tests.e2e.test_hardening import OBS_DIM, Live, act_body, read_response, request_bytes
 
-HEADER_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 5.0
 BODY_TIMEOUT_S = 3.0
 PER_PEER = 10
 MAX_CONNECTIONS = 40
@@ -140,7 +140,7 @@ def test_a_body_without_a_valid_token_is_401_before_it_is_read(guarded: Live, to
     """Headers announcing a body and no valid token: a 401 comes before a byte of the body is sent,
     and the connection is closed (before, the server waited for the body, with no deadline, and
     only the route then found the token missing)."""
-    sock = connect(guarded, timeout=BODY_TIMEOUT_S - 1)  # an answer must come before the body deadline
+    sock = connect(guarded)  # no deadline of the server's would answer a request whose body never comes
     try:
         head = request_bytes("POST", f"/policies/{guarded.policy_id}/act", None, b"x" * 1000)[:-1000]
         if token == "Basic":
@@ -194,15 +194,14 @@ def test_one_address_cannot_take_every_connection(guarded: Live) -> None:
         for _ in range(2 * MAX_CONNECTIONS):
             sock = connect(guarded, ATTACKER, timeout=10)
             flood.append(sock)
-        time.sleep(0.3)
+        keep = request_bytes("GET", "/livez", None).replace(b"Connection: close", b"Connection: keep-alive")
+        flood[0].sendall(keep)  # the attacker's first connections are ordinary connections
+        assert read_response(flood[0])[0] == 200
         for sock in flood[PER_PEER:]:
             refused.append(closed_by_server(sock))
         assert all(r.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in r for r in refused), refused[:2]
         assert b"too many open connections from this address" in refused[0]
         assert [guarded.raw(act_request(guarded))[0] for _ in range(3)] == [200] * 3
-        keep = request_bytes("GET", "/livez", None).replace(b"Connection: close", b"Connection: keep-alive")
-        flood[0].sendall(keep)  # the attacker's first connections are ordinary connections
-        assert read_response(flood[0])[0] == 200
     finally:
         for sock in flood:
             sock.close()
