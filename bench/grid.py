@@ -54,7 +54,7 @@ from results_io import write_result
 from stats import align_curves, band, bootstrap_ci, feasible_fraction
 
 from cvpo.checkpoint import list_checkpoints
-from cvpo.config import ConfigError, expand_overrides, resolve_config
+from cvpo.config import ConfigError, build_overrides, expand_overrides, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIDENCE = 0.95
@@ -110,13 +110,6 @@ class Run:
         if (self.run_dir / "policy" / "policy.json").is_file():
             return "finished"
         return "resume" if list_checkpoints(self.run_dir) else "new"
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_grid(path: Path) -> Grid:
@@ -183,8 +176,9 @@ def plan_runs(grid: Grid, out: Path) -> list[Run]:
                 "constraints": {"cost_limits": [grid.cost_limit]},
                 "loop": {"torch_threads": 1},  # one core per run: workers × 1 thread = the core budget
             }
-            overrides = _deep_merge(_deep_merge(base, grid.overrides), grid.task_overrides.get(task, {}))
-            overrides = {"env_id": task, "seed": seed, **overrides}
+            overrides = build_overrides(
+                base, grid.overrides, grid.task_overrides.get(task), {"env_id": task, "seed": seed}
+            )
             try:
                 config = resolve_config(overrides)
             except ConfigError as exc:

@@ -103,34 +103,32 @@ def cmd_envs(args: argparse.Namespace) -> int:
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, object]:
-    from cvpo.config import parse_assignment
+    """Settings layers in the documented order: --config file < flags < each --set."""
+    from cvpo.config import build_overrides, parse_assignment
 
-    overrides: dict[str, object] = {}
+    layers: list[dict[str, object]] = []
     if args.config:
         import tomllib
 
         try:
-            overrides = tomllib.loads(Path(args.config).read_text())
+            layers.append(tomllib.loads(Path(args.config).read_text()))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise CliError(f"cannot read config file {args.config}: {exc}") from exc
-    for key, value in (
-        ("env_id", args.env),
-        ("total_env_steps", args.total_env_steps),
-        ("seed", args.seed),
-        ("device", args.device),
-    ):
-        if value is not None:
-            overrides[key] = value
+    flags = {
+        key: value
+        for key, value in (
+            ("env_id", args.env),
+            ("total_env_steps", args.total_env_steps),
+            ("seed", args.seed),
+            ("device", args.device),
+        )
+        if value is not None
+    }
     if args.cost_limit:
-        overrides.setdefault("constraints", {})["cost_limits"] = args.cost_limit  # type: ignore[index]
-    for text in args.set or []:
-        extra = parse_assignment(text)
-        for section, values in extra.items():
-            if isinstance(values, dict) and isinstance(overrides.get(section), dict):
-                overrides[section].update(values)  # type: ignore[union-attr]
-            else:
-                overrides[section] = values
-    return overrides
+        flags["constraints"] = {"cost_limits": args.cost_limit}
+    layers.append(flags)
+    layers += [parse_assignment(text) for text in args.set or []]
+    return build_overrides(*layers)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

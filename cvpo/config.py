@@ -21,11 +21,26 @@ from cvpo.envs.catalogue import get_task
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; ``field`` is the dotted path of the offending key."""
+    """A bad configuration value; ``field`` is the dotted path of the offending key, ``path`` its parts.
+
+    ``path`` splits ``"constraints.cost_limits[1]"`` into ``("constraints", "cost_limits", 1)`` so that
+    a caller (the REST API's 422 ``loc``, the CLI) can point at the key without parsing the string.
+    """
 
     def __init__(self, field_path: str, message: str) -> None:
         self.field = field_path
+        self.message = message
         super().__init__(f"{field_path}: {message}")
+
+    @property
+    def path(self) -> tuple[str | int, ...]:
+        parts: list[str | int] = []
+        for part in self.field.split("."):
+            name, *indices = part.replace("]", "").split("[")
+            if name:
+                parts.append(name)
+            parts += [int(i) if i.isdigit() else i for i in indices]
+        return tuple(parts)
 
 
 @dataclass
@@ -452,6 +467,20 @@ def parse_assignment(text: str) -> dict[str, Any]:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+    return out
+
+
+def build_overrides(*layers: dict[str, Any] | None) -> dict[str, Any]:
+    """The one way to build engine overrides (REST job specs, ``cvpo train``, benchmark grids).
+
+    Each layer may mix nested sections, dotted keys and unique bare field names (:func:`expand_overrides`);
+    layers merge section by section, later layers winning key by key. ``resolve_config`` then applies
+    the result over the defaults and the task's preset.
+    """
+    out: dict[str, Any] = {}
+    for layer in layers:
+        if layer:
+            out = _deep_update(out, expand_overrides(dict(layer)))
     return out
 
 

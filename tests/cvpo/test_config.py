@@ -83,3 +83,30 @@ def test_parse_assignment() -> None:
     assert parse_assignment("constraints.cost_limits=[10, 20]") == {"constraints": {"cost_limits": [10, 20]}}
     with pytest.raises(ConfigError):
         parse_assignment("algo.num_samples")
+
+
+def test_one_override_builder_for_rest_cli_and_grids() -> None:
+    """Layers may mix nested sections, dotted keys and bare names; later layers win key by key."""
+    from cvpo.config import build_overrides
+
+    got = build_overrides(
+        {"algo": {"batch_size": 64, "tau": 0.02}, "network.actor_hidden": [32]},
+        None,
+        {"batch_size": 128, "loop": {"eval_episodes": 3}},
+        {"algo.tau": 0.05, "seed": 4},
+    )
+    assert got == {
+        "algo": {"batch_size": 128, "tau": 0.05},
+        "network": {"actor_hidden": [32]},
+        "loop": {"eval_episodes": 3},
+        "seed": 4,
+    }
+    config = resolve_config(got)
+    assert (config.algo.batch_size, config.algo.tau, config.seed) == (128, 0.05, 4)
+
+
+def test_config_errors_carry_a_structured_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"constraints": {"cost_limits": [25.0, -1.0]}})
+    assert info.value.path == ("constraints", "cost_limits", 1)
+    assert ConfigError("algo.batch_size", "x").path == ("algo", "batch_size")
