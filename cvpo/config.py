@@ -480,8 +480,22 @@ def build_overrides(*layers: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for layer in layers:
         if layer:
-            out = _deep_update(out, expand_overrides(dict(layer)))
+            _merge_layer(out, expand_overrides(dict(layer)), "")
     return out
+
+
+def _merge_layer(out: dict[str, Any], extra: dict[str, Any], prefix: str) -> None:
+    """``out`` updated in place by ``extra``; a section in one layer and a plain value in another is an error."""
+    for key, value in extra.items():
+        path = f"{prefix}{key}"
+        current = out.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            out[key] = dict(current)
+            _merge_layer(out[key], value, f"{path}.")
+        elif key in out and isinstance(value, dict) != isinstance(current, dict):
+            raise ConfigError(path, "expected a section of settings in every layer, got a plain value in one")
+        else:
+            out[key] = value
 
 
 def expand_overrides(flat: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from core.store import (
     hash_token,
     rfc3339,
 )
-from cvpo.config import ConfigError, expand_overrides, resolve_config
+from cvpo.config import ConfigError, build_overrides, resolve_config
 from cvpo.envs.catalogue import TASKS
 
 INT64_MAX = 2**63 - 1  # the job store's integer columns (SQLite INTEGER); a larger cursor is a 422, not a 500
@@ -204,27 +204,21 @@ def resolve_spec(spec: JobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     echoed = spec.model_dump()
     echoed["seed"] = seed
     try:
-        overrides = expand_overrides(spec.hyperparams)
-        overrides.update({"env_id": spec.env_id, "total_env_steps": spec.total_env_steps, "seed": seed})
-        overrides["device"] = spec.device
-        loop = overrides.setdefault("loop", {})
-        if not isinstance(loop, dict):
-            raise ConfigError("loop", "expected a section of settings")
-        if spec.eval is not None:
-            loop["eval_episodes"] = spec.eval.episodes
-        if spec.checkpoint_every_epochs is not None:
-            loop["checkpoint_every_epochs"] = spec.checkpoint_every_epochs
-        if spec.cost_limit is not None:
-            limits = spec.cost_limit if isinstance(spec.cost_limit, list) else [spec.cost_limit]
-            cons = overrides.setdefault("constraints", {})
-            if not isinstance(cons, dict):
-                raise ConfigError("constraints", "expected a section of settings")
-            cons["cost_limits"] = limits
+        limits = spec.cost_limit if isinstance(spec.cost_limit, list) else [spec.cost_limit]
+        overrides = build_overrides(
+            spec.hyperparams,
+            {"env_id": spec.env_id, "total_env_steps": spec.total_env_steps, "seed": seed, "device": spec.device},
+            {"loop.eval_episodes": spec.eval.episodes} if spec.eval is not None else None,
+            {"loop.checkpoint_every_epochs": spec.checkpoint_every_epochs}
+            if spec.checkpoint_every_epochs is not None
+            else None,
+            {"constraints.cost_limits": limits} if spec.cost_limit is not None else None,
+        )
         config = resolve_config(overrides, preset=spec.preset)
     except ConfigError as exc:
-        top = exc.field.split(".")[0]
+        top = exc.path[0] if exc.path else exc.field
         loc = ["body", top] if top in ("env_id", "preset") else ["body", "hyperparams", exc.field]
-        if exc.field.startswith("constraints.cost_limits"):
+        if exc.path[:2] == ("constraints", "cost_limits"):
             loc = ["body", "cost_limit"]
         raise validation_problem([{"loc": loc, "msg": str(exc), "input": None}]) from exc
     return echoed, config.to_dict()

@@ -110,3 +110,11 @@ def test_config_errors_carry_a_structured_path() -> None:
         resolve_config({"constraints": {"cost_limits": [25.0, -1.0]}})
     assert info.value.path == ("constraints", "cost_limits", 1)
     assert ConfigError("algo.batch_size", "x").path == ("algo", "batch_size")
+
+
+def test_a_section_in_one_layer_and_a_value_in_another_is_an_error() -> None:
+    from cvpo.config import build_overrides
+
+    with pytest.raises(ConfigError) as info:
+        build_overrides({"loop": 5}, {"loop.eval_episodes": 3})
+    assert info.value.path == ("loop",)
