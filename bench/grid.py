@@ -35,6 +35,7 @@ time) and ``plots/<task>.png``. ``bench/report.py`` turns summaries into docs/be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -54,7 +55,7 @@ from results_io import write_result
 from stats import align_curves, band, bootstrap_ci, feasible_fraction
 
 from cvpo.checkpoint import list_checkpoints
-from cvpo.config import ConfigError, build_overrides, expand_overrides, resolve_config
+from cvpo.config import ConfigError, build_overrides, config_from_dict, expand_overrides, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIDENCE = 0.95
@@ -194,6 +195,10 @@ def check_run_dir(run: Run) -> None:
     path = run.run_dir / "config.json"
     if run.status() != "new" and path.is_file():
         saved = json.loads(path.read_text())
+        # Read with today's defaults: knobs the engine gained since the run started do not count (an
+        # unreadable config stays as it is, differs, and the message below says where).
+        with contextlib.suppress(ConfigError):
+            saved = json.loads(json.dumps(config_from_dict(saved).to_dict()))
         if saved != run.config:
             before, now = dict(_flatten(saved)), dict(_flatten(run.config))
             diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))

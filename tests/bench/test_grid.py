@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cvpo.checkpoint import list_checkpoints
+from cvpo.checkpoint import list_checkpoints, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = ROOT / "bench" / "grid.py"
@@ -176,3 +176,25 @@ def test_bad_grid_files_fail_before_any_run_starts(tmp_path: Path, text: str, me
     result = run_grid(path, "--out", tmp_path / "out")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_run_started_before_the_engine_gained_a_knob_still_resumes(tmp_path: Path) -> None:
+    """config.json without a knob added since (at its default) matches; a changed value does not."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import grid
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    g = grid.load_grid(tiny_grid(tmp_path / "g.toml", [0], 1000))
+    run = grid.plan_runs(g, tmp_path / "out")[0]
+    run.run_dir.mkdir(parents=True)
+    save_checkpoint(run.run_dir / "checkpoints" / "ckpt_0000000500", {}, {}, {})  # status "resume" needs one
+    assert run.status() == "resume"
+    old = json.loads(json.dumps(run.config))
+    del old["loop"]["select"], old["loop"]["validation_episodes"]  # written by an engine before them
+    (run.run_dir / "config.json").write_text(json.dumps(old))
+    grid.check_run_dir(run)
+    old["algo"]["tau"] = 0.5
+    (run.run_dir / "config.json").write_text(json.dumps(old))
+    with pytest.raises(grid.GridError, match=r"algo\.tau"):
+        grid.check_run_dir(run)
