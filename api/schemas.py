@@ -107,7 +107,9 @@ class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: str = Field(..., max_length=40)
-    checkpoint_id: str = Field("best", max_length=40, description='A checkpoint id, "best" or "final".')
+    checkpoint_id: str = Field(
+        "best", max_length=40, description='A checkpoint id, "best", "final" or "served" (the run\'s policy/).'
+    )
     shield: dict[str, Any] | None = Field(
         None, description='{"type": "box", "low": [...], "high": [...]} or {"type": "hook", "name": ...}.'
     )

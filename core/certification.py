@@ -161,9 +161,10 @@ def _rank_key(ck: CheckpointRecord) -> tuple:
 
 
 def candidates(store: Store, job: JobRecord, top_k: int) -> list[dict[str, Any]]:
-    """The checkpoints worth certifying at job end: the best-feasible artefact, the final
-    checkpoint, and up to ``top_k`` more of the best by the trainer's eval metrics; one per distinct
-    set of weights. Each: source (for ``Store.promote``), roles, checkpoint id, epoch, eval numbers."""
+    """The checkpoints worth certifying at job end: the best-feasible artefact, the run's served
+    ``policy/`` (its validated choice under ``loop.select = "validated"``), the final checkpoint, and
+    up to ``top_k`` more of the best by the trainer's eval metrics; one per distinct set of weights.
+    Each: source (for ``Store.promote``), roles, checkpoint id, epoch, eval numbers."""
     out: list[dict[str, Any]] = []
     seen: dict[str, dict[str, Any]] = {}
 
@@ -194,6 +195,13 @@ def candidates(store: Store, job: JobRecord, top_k: int) -> list[dict[str, Any]]
         except (OSError, json.JSONDecodeError):
             summary = {}
         add("best", "best-feasible", best, None, summary)
+    served = Path(job.run_dir) / "policy"  # the run's own choice: its validated epoch under loop.select
+    if (served / "policy.json").is_file():
+        try:
+            summary = json.loads((served / "policy.json").read_text()).get("summary") or {}
+        except (OSError, json.JSONDecodeError):
+            summary = {}
+        add("served", "served", served, None, summary)
     ckpts = [ck for ck in store.list_checkpoints(job.id) if ck.artefact_path]
     ckpts = [ck for ck in ckpts if (Path(ck.artefact_path or "") / "policy.json").is_file()]
     if ckpts:

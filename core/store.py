@@ -1145,10 +1145,14 @@ class Store:
     # ------------------------------------------------------------------ policies
 
     def resolve_artefact(self, job: JobRecord, source: str) -> tuple[str | None, Path]:
-        """(checkpoint id or None for "best", artefact directory) of a promotion source; NotFoundError."""
+        """(checkpoint id or None for "best"/"served", artefact directory) of a promotion source; NotFoundError.
+
+        "served" is the policy the finished run hands out as ``policy/`` (with ``loop.select =
+        "validated"`` the epoch its validation layouts chose, docs/safety-margin.md).
+        """
         ckpt_id: str | None = None
-        if source == "best":
-            artefact = Path(job.run_dir) / "best_policy"
+        if source in ("best", "served"):
+            artefact = Path(job.run_dir) / ("best_policy" if source == "best" else "policy")
         else:
             ckpts = [ck for ck in self.list_checkpoints(job.id) if ck.artefact_path]
             if source == "final":
@@ -1178,8 +1182,9 @@ class Store:
     ) -> PolicyRecord:
         """Copy an artefact into an immutable policy directory and register it with its certificate.
 
-        ``source`` is ``"best"`` (the best-feasible artefact), ``"final"`` (the newest checkpoint's)
-        or a checkpoint id. ``validate_shield(spec, meta)`` returns the normalised spec or raises.
+        ``source`` is ``"best"`` (the best-feasible artefact), ``"served"`` (the run's ``policy/``),
+        ``"final"`` (the newest checkpoint's) or a checkpoint id. ``validate_shield(spec, meta)``
+        returns the normalised spec or raises.
         ``certificate`` is the artefact's (``Certificate.to_dict()``); the policy is ``certified``
         exactly when it says so. ``override`` ({"reason", "actor"}) records an admin's promotion of
         an uncertified checkpoint. The gate itself is the caller's (worker, API route).

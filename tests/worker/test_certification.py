@@ -111,6 +111,14 @@ def test_candidates_are_best_final_and_the_top_by_eval_once_each(tmp_path: Path)
     best = json.loads((run / "best_policy" / "policy.json").read_text())
     assert candidates(store, store.get_job(job.id), 0)[0]["weights_sha256"] == best["weights_sha256"]
 
+    # The run's served policy/ (a validated choice, here the weights of no checkpoint) is a candidate of
+    # its own, and promotable by that name; with the weights of a checkpoint it adds a role instead.
+    write_random_artefact(run / "policy", obs_dim=28, seed=99, env_id=ENV)
+    assert roles(0)[1] == ("served", ["served"])
+    assert store.resolve_artefact(store.get_job(job.id), "served") == (None, run / "policy")
+    write_random_artefact(run / "policy", obs_dim=28, seed=3, env_id=ENV)
+    assert roles(0) == [("best", ["best-feasible"]), ("served", ["served", "final"])]
+
 
 def test_the_test_jobs_limit_certifies_any_circle_costs() -> None:
     """conftest's TINY_LIMIT with CERTIFY_EPISODES episodes: whatever the episode costs in [0, 500]
