@@ -67,6 +67,7 @@ API_ENV = {
     "CVPO_HEARTBEAT_S": "2",
 }
 ATTACKS = ("slow_bodies_no_token", "slow_bodies_with_token", "idle_sockets", "invalid_token_flood")
+EXTRA_ATTACKS = ("event_stream_flood",)  # run on request (--attacks); streams are issue #23 item 4's
 
 
 class Service(LiveService):
@@ -222,7 +223,54 @@ async def _invalid_token_flood(port: int, policy_path: str, stop: Any, stats: di
     await asyncio.gather(*(one() for _ in range(conns)))
 
 
-def _attacker(name: str, port: int, admin_token: str, policy_id: str, stop: Any, out: Any) -> None:
+async def _event_stream_flood(
+    port: int, token: str, job_id: str, stop: Any, stats: dict[str, int], conns: int = 64
+) -> None:
+    """``conns`` clients follow the training job's event stream with a valid token, reopening any the
+    server ends or refuses a second later."""
+    request = _request("GET", f"/jobs/{job_id}/events", token).replace(
+        b"\r\n\r\n", b"\r\nAccept: text/event-stream\r\n\r\n"
+    )
+
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                stats["connect_failed"] += 1
+                await asyncio.sleep(1.0)
+                continue
+            stats["connections"] += 1
+            writer.write(request)
+            HELD[0] += 1
+            head = b""
+            try:
+                while b"\r\n\r\n" not in head and not stop.is_set():
+                    chunk = await asyncio.wait_for(reader.read(4096), 10.0)
+                    if not chunk:
+                        break
+                    head += chunk
+                if head[:5] == b"HTTP/":
+                    key = head[9:12].decode()
+                    stats[key] = stats.get(key, 0) + 1
+                while not stop.is_set():  # read the stream until the server ends it
+                    try:
+                        chunk = await asyncio.wait_for(reader.read(65536), 1.0)
+                    except TimeoutError:
+                        continue
+                    if not chunk:
+                        stats["closed_by_server"] += 1
+                        break
+            except (TimeoutError, ConnectionError, OSError):
+                stats["reset"] += 1
+            HELD[0] -= 1
+            writer.close()
+            await asyncio.sleep(1.0)
+
+    await asyncio.gather(*(one() for _ in range(conns)))
+
+
+def _attacker(name: str, port: int, admin_token: str, policy_id: str, stop: Any, out: Any, job_id: str = "") -> None:
     """The attacker process: runs ``name`` until ``stop`` is set, then puts its counters on ``out``."""
     stats: dict[str, int] = {"connections": 0, "connect_failed": 0, "closed_by_server": 0, "reset": 0}
     stats |= {"requests": 0, "no_answer": 0}
@@ -235,6 +283,8 @@ def _attacker(name: str, port: int, admin_token: str, policy_id: str, stop: Any,
             attack = _slow_bodies(port, admin_token, stop, stats)
         elif name == "idle_sockets":
             attack = _idle_sockets(port, stop, stats)
+        elif name == "event_stream_flood":
+            attack = _event_stream_flood(port, admin_token, job_id, stop, stats)
         else:
             attack = _invalid_token_flood(port, f"/policies/{policy_id}/act", stop, stats)
         task = asyncio.ensure_future(attack)
@@ -367,7 +417,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per baseline and per attack (20)")
     parser.add_argument("--rate", type=float, default=50.0, help="controller /act requests per second (50)")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated subset of {ATTACKS}")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {ATTACKS + EXTRA_ATTACKS}")
     parser.add_argument("--out", type=Path, default=Path("bench/results/attacks.json"))
     parser.add_argument("--resummarise", type=Path, help="recompute the summary of a result file in place, no run")
     args = parser.parse_args()
@@ -381,7 +431,7 @@ def main() -> None:
         print(json.dumps(result["summary"], indent=2))
         return
     attacks = [a for a in args.attacks.split(",") if a]
-    unknown = set(attacks) - set(ATTACKS)
+    unknown = set(attacks) - set(ATTACKS + EXTRA_ATTACKS)
     if unknown:
         parser.error(f"unknown attacks {sorted(unknown)}")
 
@@ -408,7 +458,9 @@ def main() -> None:
                 print(f"{name}: baseline", flush=True)
                 baseline = measure(svc, request, args.rate, args.seconds)
                 stop, out = ctx.Event(), ctx.Queue()
-                proc = ctx.Process(target=_attacker, args=(name, svc.port, ADMIN_TOKEN, svc.policy_id, stop, out))
+                proc = ctx.Process(
+                    target=_attacker, args=(name, svc.port, ADMIN_TOKEN, svc.policy_id, stop, out, job_id)
+                )
                 proc.start()
                 time.sleep(3)  # the attack reaches its steady state
                 print(f"{name}: under attack", flush=True)

@@ -49,3 +49,13 @@ def test_the_old_code_failed_the_attacks(attacks_module: Any) -> None:
         assert before["summary"][name] == attacks_module.attack_summary(row), name
     assert not any(s["goal_met"] for s in before["summary"].values())
     assert before["summary"]["slow_bodies_no_token"]["attacked_statuses"] == {"503": 1000}
+
+
+def test_an_event_stream_flood_leaves_act_served(attacks_module: Any) -> None:
+    """The extra attack (bench/attacks.py --attacks event_stream_flood): 64 clients following the
+    training job's event stream with one valid token."""
+    result = json.loads((RESULTS / "attacks_streams.json").read_text())
+    row = result["attacks"]["event_stream_flood"]
+    assert result["summary"]["event_stream_flood"] == attacks_module.attack_summary(row)
+    assert result["summary"]["event_stream_flood"]["goal_met"] and row["attacker"]["connections"] >= 64
+    assert result["lease"]["lease_lost"] is False
