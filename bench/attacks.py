@@ -13,6 +13,8 @@ then for ``--seconds`` while an attacker process runs:
   send a byte, reopening any the server closes a second later (item 2; 1 200 > ``CVPO_MAX_CONNECTIONS`` = 1000).
 - ``invalid_token_flood``: 8 connections send ``POST /act`` with a new random token each time, as
   fast as the server answers, reconnecting when it closes (item 3).
+- ``event_stream_flood`` (only when named in ``--attacks``): 64 clients follow the training job's
+  event stream with the admin token, reopening any stream the server ends or refuses a second later.
 
 The controller sends at ``--rate`` per second, open loop over at most 4 keep-alive connections
 (latency from the moment each request was due, bench/live.py), and every 0.25 s one more request on
@@ -23,6 +25,7 @@ reconciler every 5 s: a lost lease would also show as a second attempt). Statuse
 (503s of the in-flight cap, refused connections) are reported beside, for both kinds of request.
 
     .venv/bin/python bench/attacks.py [--seconds 20] [--rate 50] [--out bench/results/attacks.json]
+    .venv/bin/python bench/attacks.py --attacks event_stream_flood --out bench/results/attacks_streams.json
 """
 
 from __future__ import annotations
