@@ -18,6 +18,7 @@ critics' Q_c(s, a) per constraint for the action it produced (a 422 for a policy
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from prometheus_client import Counter, Histogram
 
 from api.errors import Problem
 from api.shield import Shield, ShieldHook, build_shield, load_hooks
-from cvpo.artefact import ArtefactError, PolicyRuntime, load_policy
+from cvpo.artefact import META_FILE, ArtefactError, PolicyRuntime, load_policy
 from cvpo.envs.wrappers import scale_action
 
 log = logging.getLogger("cvpo.api")
@@ -373,6 +374,20 @@ def _critic_macs_per_row(runtime: PolicyRuntime) -> int:
     return sum(w.size for w, _ in runtime.cost_critic or [])
 
 
+def check_meta_sha256(path: str | Path, meta_sha256: str | None) -> None:
+    """``policy.json`` against the sha256 the store recorded at promotion (issue #23 item 10): the
+    weights' own hash lives inside policy.json, so an edited action box, mean bound or normaliser
+    clip would pass every other check. ``None`` (a policy registered before the hash existed): no check."""
+    if meta_sha256 is None:
+        return
+    try:
+        raw = (Path(path) / META_FILE).read_bytes()
+    except OSError as exc:
+        raise ArtefactError(f"{META_FILE} is unreadable: {exc.strerror or exc}") from exc
+    if hashlib.sha256(raw).hexdigest() != meta_sha256:
+        raise ArtefactError(f"{META_FILE} differs from the one registered at promotion (sha256 mismatch)")
+
+
 def _check_weights_finite(runtime: PolicyRuntime) -> None:
     arrays = [a for pair in runtime.trunk for a in pair] + [runtime.mean_w, runtime.mean_b]
     arrays += [a for pair in runtime.cost_critic or [] for a in pair]
@@ -383,7 +398,7 @@ def _check_weights_finite(runtime: PolicyRuntime) -> None:
 
 
 class PolicyCache:
-    """Policies loaded once per process by id (sha256 checked by ``load_policy``), shared by threads.
+    """Policies loaded once per process by id (weights and policy.json sha256-checked), shared by threads.
 
     Reads on the hot path are a lock-free dict lookup; loads take a per-policy lock so concurrent
     first requests load once. A policy marked not ready stays out until the process restarts.
@@ -417,10 +432,11 @@ class PolicyCache:
         sha256: str | None = None,
         client: str | None = None,
         certified: bool = False,
+        meta_sha256: str | None = None,
     ) -> LoadedPolicy:
         """Load (once) and return a policy. Raises ``PolicyNotReadyError`` for a policy marked not
-        ready or failing its checks (tampered, non-finite weights), ``ShieldSpecError`` when its
-        shield names a hook this server does not configure."""
+        ready or failing its checks (tampered weights or policy.json, non-finite weights),
+        ``ShieldSpecError`` when its shield names a hook this server does not configure."""
         entry = self._entries.get(policy_id)
         if entry is not None:
             return entry
@@ -435,6 +451,7 @@ class PolicyCache:
                 if policy_id in self._not_ready:
                     raise PolicyNotReadyError(self._not_ready[policy_id])
                 try:
+                    check_meta_sha256(path, meta_sha256)
                     runtime = load_policy(Path(path))
                     if sha256 is not None and runtime.meta.get("weights_sha256") != sha256:
                         raise ArtefactError("the weights' sha256 differs from the one registered at promotion")

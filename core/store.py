@@ -143,6 +143,9 @@ policies = sa.Table(
     sa.Column("certificate", sa.JSON),
     sa.Column("certified", sa.Boolean),
     sa.Column("override", sa.JSON),
+    # Policy integrity (issue #23 item 10): sha256 of policy.json as promoted (``sha256`` covers the
+    # weights only). Null for policies registered before it existed: those are checked on weights.
+    sa.Column("meta_sha256", sa.String(64)),
 )
 
 # On-demand evaluations of a policy (POST /policies/{id}/evaluations), run by a worker.
@@ -343,6 +346,7 @@ class PolicyRecord:
     certificate: dict[str, Any] | None = None
     certified: bool | None = None
     override: dict[str, Any] | None = None
+    meta_sha256: str | None = None
 
 
 @dataclass
@@ -1203,7 +1207,8 @@ class Store:
         tmp = dest.with_name(f".tmp-{policy_id}")
         shutil.copytree(artefact, tmp)
         tmp.rename(dest)
-        meta = json.loads((dest / "policy.json").read_text())
+        raw_meta = (dest / "policy.json").read_bytes()
+        meta = json.loads(raw_meta)
         if certificate is not None and certificate.get("artefact_sha256") != meta["weights_sha256"]:
             shutil.rmtree(dest, ignore_errors=True)
             raise ConflictError(f"the certificate is for another artefact than {source!r}'s")
@@ -1230,6 +1235,7 @@ class Store:
                     certificate=certificate,
                     certified=certified if certificate is not None else None,
                     override=override,
+                    meta_sha256=hashlib.sha256(raw_meta).hexdigest(),  # policy.json as promoted (item 10)
                 )
             )
             row = c.execute(sa.select(policies).where(policies.c.id == policy_id)).one()
@@ -1244,7 +1250,8 @@ class Store:
         certificate: dict[str, Any] | None = None,
     ) -> PolicyRecord:
         """Register an artefact directory that already lies in its final place (tests, benchmarks)."""
-        meta = json.loads((Path(artefact) / "policy.json").read_text())
+        raw_meta = (Path(artefact) / "policy.json").read_bytes()
+        meta = json.loads(raw_meta)
         policy_id = new_id("pol")
         with self.tx() as c:
             c.execute(
@@ -1262,6 +1269,7 @@ class Store:
                     ready=True,
                     certificate=certificate,
                     certified=None if certificate is None else bool(certificate.get("certified")),
+                    meta_sha256=hashlib.sha256(raw_meta).hexdigest(),
                 )
             )
             return _policy(c.execute(sa.select(policies).where(policies.c.id == policy_id)).one())

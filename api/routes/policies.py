@@ -34,6 +34,7 @@ from api.act import (
     PolicyCache,
     PolicyNotReadyError,
     act,
+    check_meta_sha256,
     parse_act_request,
 )
 from api.auth import authenticate, owner_filter, require
@@ -366,6 +367,7 @@ async def _load(request: Request, policy_id: str, principal: Principal) -> Loade
             sha256=policy.sha256,
             client=policy.client,
             certified=bool(policy.certified),
+            meta_sha256=policy.meta_sha256,
         )
     except PolicyNotReadyError as exc:
         await asyncio.to_thread(state.store.set_policy_ready, policy_id, False)
@@ -450,10 +452,18 @@ router.add_api_route(
 
 
 @lru_cache(maxsize=16)
-def _onnx_bytes(path: str, sha256: str, shield_json: str, cost_head: bool = False) -> bytes:
-    """Policies are immutable, so (path, sha256, shield, cost head) names one export for the process's life."""
+def _onnx_bytes(
+    path: str, sha256: str, shield_json: str, cost_head: bool = False, meta_sha256: str | None = None
+) -> bytes:
+    """Policies are immutable, so (path, hashes, shield, cost head) names one export for the process's
+    life. Both files are checked against the store's hashes first (issue #23 item 10): the weights
+    against ``sha256`` (load_policy only compares them with the hash inside policy.json) and
+    policy.json against ``meta_sha256`` (None for policies registered before it was recorded)."""
     from cvpo.onnx_export import export_onnx  # onnx loads on first export only
 
+    check_meta_sha256(path, meta_sha256)
+    if hashlib.sha256((Path(path) / WEIGHTS_FILE).read_bytes()).hexdigest() != sha256:
+        raise PolicyNotReadyError(f"{WEIGHTS_FILE} differs from the one registered at promotion (sha256 mismatch)")
     return export_onnx(path, json.loads(shield_json) if shield_json else None, cost_head)
 
 
@@ -462,9 +472,12 @@ def _bundle(policy: PolicyRecord) -> bytes:
     weights = (root / WEIGHTS_FILE).read_bytes()
     if hashlib.sha256(weights).hexdigest() != policy.sha256:
         raise PolicyNotReadyError(f"{WEIGHTS_FILE} fails its sha256 check")
+    meta = (root / META_FILE).read_bytes()
+    if policy.meta_sha256 is not None and hashlib.sha256(meta).hexdigest() != policy.meta_sha256:
+        raise PolicyNotReadyError(f"{META_FILE} differs from the one registered at promotion (sha256 mismatch)")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        z.writestr(META_FILE, (root / META_FILE).read_bytes())
+        z.writestr(META_FILE, meta)
         z.writestr(WEIGHTS_FILE, weights, compress_type=zipfile.ZIP_STORED)
         if policy.shield is not None:
             z.writestr("shield.json", json.dumps(policy.shield, indent=2) + "\n")
@@ -512,7 +525,7 @@ def export_policy(
                 headers={"Content-Disposition": f'attachment; filename="{policy.id}.zip"'},
             )
         shield_json = json.dumps(policy.shield, sort_keys=True) if policy.shield else ""
-        data = _onnx_bytes(policy.path, policy.sha256, shield_json, cost_head)
+        data = _onnx_bytes(policy.path, policy.sha256, shield_json, cost_head, policy.meta_sha256)
     except ValueError as exc:  # a hook shield: exporting would silently drop it
         raise validation_problem([{"loc": ["query", "format"], "msg": str(exc), "input": format}]) from exc
     except (ArtefactError, PolicyNotReadyError, OSError) as exc:
