@@ -1,7 +1,11 @@
 """The job store: the single source of truth shared by the API, the worker and the reconciler.
 
 SQLAlchemy Core over SQLite (WAL, ``BEGIN IMMEDIATE`` so concurrent writers queue instead of
-failing) or PostgreSQL. Every job state change is a compare-and-set on ``(status, attempt)``
+failing) or PostgreSQL (psycopg 3). PostgreSQL runs READ COMMITTED, where nothing queues writers:
+there a check-then-insert (the job caps, idempotency keys, tokens) holds a transaction-scoped
+advisory lock (``_serialize``), a read-then-write of a job locks its row (``FOR UPDATE``), upserts are
+``INSERT … ON CONFLICT`` and schema creation takes a session lock.
+Every job state change is a compare-and-set on ``(status, attempt)``
 through ``transition`` and is allowed only if it appears in ``TRANSITIONS`` (service-design.md
 §1.5); every worker write carries the attempt and the lease owner, so a stale attempt can never
 write (fencing, §3.3). Redis holds no state that is not also here.
@@ -54,10 +58,15 @@ SCOPES = ("jobs:read", "jobs:write", "policies:read", "policies:act", "metrics:r
 
 metadata = sa.MetaData()
 
+# 64-bit where a client's number is compared (page cursors, after_seq, after_step: up to 2**63 - 1) or a
+# count grows without bound. PostgreSQL's INTEGER is 32-bit and SQLAlchemy binds a compared number as
+# ``::INTEGER``, so a larger one was a 500; SQLite keeps INTEGER (64-bit there, and the rowid alias).
+BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 jobs = sa.Table(
     "jobs",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("seq", BigInt, primary_key=True, autoincrement=True),
     sa.Column("id", sa.String(40), nullable=False, unique=True),
     sa.Column("client", sa.String(64), nullable=False, index=True),
     sa.Column("status", sa.String(16), nullable=False, index=True),
@@ -78,7 +87,7 @@ jobs = sa.Table(
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("requeue_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("total_env_steps", sa.Integer, nullable=False),
-    sa.Column("env_step", sa.Integer, nullable=False, default=0),
+    sa.Column("env_step", BigInt, nullable=False, default=0),
     sa.Column("epoch", sa.Integer, nullable=False, default=0),
     sa.Column("steps_per_s", sa.Float),
     sa.Column("latest", sa.JSON),
@@ -86,7 +95,7 @@ jobs = sa.Table(
     sa.Column("policy_id", sa.String(40)),
     sa.Column("failure", sa.JSON),
     sa.Column("run_dir", sa.String(1000), nullable=False),
-    sa.Column("event_seq", sa.Integer, nullable=False, default=0),
+    sa.Column("event_seq", BigInt, nullable=False, default=0),
     # Added with certified policies (issue #18): how automatic promotion went (candidates tried,
     # their certificates, the chosen one or why none). Nullable: ``_migrate`` adds it to old stores.
     sa.Column("promotion", sa.JSON),
@@ -100,7 +109,7 @@ metric_points = sa.Table(
     sa.Column("job_id", sa.String(40), primary_key=True),
     sa.Column("epoch", sa.Integer, primary_key=True),
     sa.Column("attempt", sa.Integer, nullable=False),
-    sa.Column("env_step", sa.Integer, nullable=False),
+    sa.Column("env_step", BigInt, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
     sa.Column("values", sa.JSON, nullable=False),
 )
@@ -108,12 +117,12 @@ metric_points = sa.Table(
 checkpoints = sa.Table(
     "checkpoints",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("seq", BigInt, primary_key=True, autoincrement=True),
     sa.Column("id", sa.String(40), nullable=False, unique=True),
     sa.Column("job_id", sa.String(40), nullable=False, index=True),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("epoch", sa.Integer, nullable=False),
-    sa.Column("env_step", sa.Integer, nullable=False),
+    sa.Column("env_step", BigInt, nullable=False),
     sa.Column("path", sa.String(1000), nullable=False),
     sa.Column("artefact_path", sa.String(1000)),
     sa.Column("eval_reward", sa.Float),
@@ -125,7 +134,7 @@ checkpoints = sa.Table(
 policies = sa.Table(
     "policies",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("seq", BigInt, primary_key=True, autoincrement=True),
     sa.Column("id", sa.String(40), nullable=False, unique=True),
     sa.Column("client", sa.String(64), nullable=False, index=True),
     sa.Column("job_id", sa.String(40), index=True),
@@ -153,7 +162,7 @@ EVAL_STATUSES = ("queued", "running", "succeeded", "failed")
 evaluations = sa.Table(
     "evaluations",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("seq", BigInt, primary_key=True, autoincrement=True),
     sa.Column("id", sa.String(40), nullable=False, unique=True),
     sa.Column("policy_id", sa.String(40), nullable=False, index=True),
     sa.Column("client", sa.String(64), nullable=False, index=True),
@@ -171,7 +180,7 @@ events = sa.Table(
     "events",
     metadata,
     sa.Column("job_id", sa.String(40), primary_key=True),
-    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("seq", BigInt, primary_key=True),
     sa.Column("type", sa.String(16), nullable=False),
     sa.Column("data", sa.JSON, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
@@ -413,11 +422,14 @@ def _checkpoint(row: Any) -> CheckpointRecord:
     return CheckpointRecord(**{c: row._mapping[c] for c in CheckpointRecord.__dataclass_fields__})
 
 
-def _find_job(c: Connection, job_id: str, client: str | None) -> Any:
-    """The job's row, filtered to ``client`` unless None (admins); NotFoundError otherwise."""
+def _find_job(c: Connection, job_id: str, client: str | None, *, lock: bool = False) -> Any:
+    """The job's row, filtered to ``client`` unless None (admins); NotFoundError otherwise. ``lock``
+    (a write that decides on what it read) holds the row until commit on PostgreSQL (SQLite: no-op)."""
     q = sa.select(jobs).where(jobs.c.id == job_id)
     if client is not None:
         q = q.where(jobs.c.client == client)
+    if lock:
+        q = q.with_for_update()
     row = c.execute(q).first()
     if row is None:
         raise NotFoundError(f"no job {job_id!r}")
@@ -432,6 +444,68 @@ def _owned_by(job_id: str, attempt: int, owner: str) -> Any:
 
 
 READ_ONLY = "cvpo_read_only"  # execution option of Store._read's connections: a deferred BEGIN
+
+# PostgreSQL advisory lock keys ("cvpo" + a number): one per kind of check-then-insert, and the schema's.
+LOCK_CREATE_JOB = 0x6376706F_0001
+LOCK_TOKENS = 0x6376706F_0002
+LOCK_SCHEMA = 0x6376706F_0003
+
+
+def _serialize(c: Connection, key: int) -> None:
+    """Make this transaction's check-then-insert atomic: on PostgreSQL take a transaction-scoped advisory
+    lock first, so a concurrent one waits and then sees our committed row (READ COMMITTED reads a new
+    snapshot per statement); without it two requests both pass a count and both insert. SQLite needs
+    nothing: ``BEGIN IMMEDIATE`` already makes every writer take its turn."""
+    if c.dialect.name == "postgresql":
+        c.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+
+
+def _upsert(c: Connection, table: sa.Table, values: dict[str, Any], update: dict[str, Any]) -> None:
+    """Insert ``values``, or on a primary-key conflict set ``update``: one statement, so two writers of a
+    new key cannot both find no row and both insert (the second would fail on PostgreSQL)."""
+    if c.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    keys = [col.name for col in table.primary_key.columns]
+    c.execute(insert(table).values(**values).on_conflict_do_update(index_elements=keys, set_=update))
+
+
+def _finite_json(value: Any) -> str:
+    """PostgreSQL's ``json`` refuses NaN and ±Infinity (SQLite stores them): they become null, which is
+    also how the API's JSON answers show them."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_nulled(value), allow_nan=False)
+
+
+def _nulled(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nulled(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nulled(v) for v in value]
+    return value
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """One process at a time creates and migrates the schema on PostgreSQL: an API and a worker starting
+    together would otherwise collide in ``CREATE TABLE`` on the catalogue's unique indexes. SQLite's
+    ``BEGIN IMMEDIATE`` serialises it already."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as c:
+        c.execute(sa.select(sa.func.pg_advisory_lock(LOCK_SCHEMA)))
+        c.commit()
+        try:
+            yield
+        finally:
+            c.execute(sa.select(sa.func.pg_advisory_unlock(LOCK_SCHEMA)))
+            c.commit()
 
 
 def make_engine(url: str) -> Engine:
@@ -460,7 +534,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    return sa.create_engine(url, pool_pre_ping=True, json_serializer=_finite_json)
 
 
 def _migrate(engine: Engine) -> list[str]:
@@ -493,8 +567,9 @@ class Store:
         self.url = url
         self.data_dir = Path(data_dir)
         self.engine = make_engine(url)
-        metadata.create_all(self.engine)
-        self.migrated = _migrate(self.engine)
+        with _schema_lock(self.engine):
+            metadata.create_all(self.engine)
+            self.migrated = _migrate(self.engine)
         self._reader = self.engine.execution_options(**{READ_ONLY: True})  # same pool, deferred BEGIN
 
     def _read(self) -> Connection:
@@ -523,6 +598,7 @@ class Store:
         (epoch seconds) applies to a new token; None never expires."""
         digest = hash_token(raw)
         with self.tx() as c:
+            _serialize(c, LOCK_TOKENS)  # two processes registering the same token: one inserts, one finds it
             row = c.execute(sa.select(tokens.c.id).where(tokens.c.sha256 == digest)).first()
             if row:
                 c.execute(tokens.update().where(tokens.c.id == row.id).values(scopes=sorted(scopes)))
@@ -638,6 +714,8 @@ class Store:
         """Insert a queued job (outbox: ``enqueued_at`` stays null until sent). Returns (job, replayed)."""
         now = time.time()
         with self.tx() as c:
+            # The key lookup and both cap counts decide the insert: concurrent submissions take turns.
+            _serialize(c, LOCK_CREATE_JOB)
             if idempotency_key is not None:
                 c.execute(idempotency.delete().where(idempotency.c.created_at < now - IDEMPOTENCY_TTL_S))
                 prior = c.execute(
@@ -738,7 +816,7 @@ class Store:
 
     def delete_job(self, job_id: str, client: str | None) -> None:
         with self.tx() as c:
-            row = _find_job(c, job_id, client)
+            row = _find_job(c, job_id, client, lock=True)
             if row.status not in TERMINAL:
                 raise ConflictError(f"job {job_id} is {row.status}; cancel it first")
             for table in (metric_points, checkpoints, events):
@@ -835,7 +913,9 @@ class Store:
             return _job(c.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
 
     def _owned(self, c: Connection, job_id: str, attempt: int, owner: str) -> Any:
-        return c.execute(sa.select(jobs).where(_owned_by(job_id, attempt, owner))).first()
+        """The job's row if this attempt still owns it, locked until commit on PostgreSQL: the writes that
+        follow must not race a requeue or a cancel that changes it in between (SQLite: BEGIN IMMEDIATE)."""
+        return c.execute(sa.select(jobs).where(_owned_by(job_id, attempt, owner)).with_for_update()).first()
 
     def begin_attempt(self, job_id: str, attempt: int, owner: str, resumed_epoch: int) -> bool:
         """starting → running; drops metric points a lost attempt wrote after our checkpoint."""
@@ -951,7 +1031,7 @@ class Store:
     def request_cancel(self, job_id: str, client: str | None) -> str:
         """Queued → cancelled now; live → cancelling (the loop stops within an epoch). Returns the status."""
         with self.tx() as c:
-            row = _find_job(c, job_id, client)
+            row = _find_job(c, job_id, client, lock=True)
             if row.status in ("cancelling", "cancelled"):
                 return row.status  # repeat cancel is idempotent
             if row.status in TERMINAL:
@@ -982,8 +1062,7 @@ class Store:
         values = {"queue": queue, "capabilities": capabilities, "seen_at": now, "stopped_at": None}
         with self.tx() as c:
             c.execute(workers.delete().where(workers.c.seen_at < now - WORKERS_KEPT_S))
-            if c.execute(workers.update().where(workers.c.id == worker_id).values(**values)).rowcount == 0:
-                c.execute(workers.insert().values(id=worker_id, started_at=now, **values))
+            _upsert(c, workers, {"id": worker_id, "started_at": now, **values}, values)
 
     def worker_seen(self, worker_id: str) -> bool:
         """Renew a live worker's ``seen_at``; False when it has no record (dropped): register again."""
@@ -1116,9 +1195,8 @@ class Store:
             return c.execute(sa.select(kv.c.value).where(kv.c.key == key)).scalar_one_or_none()
 
     def set_kv(self, key: str, value: Any) -> None:
-        with self.tx() as c:
-            if c.execute(kv.update().where(kv.c.key == key).values(value=value)).rowcount == 0:
-                c.execute(kv.insert().values(key=key, value=value))
+        with self.tx() as c:  # API processes' reconcilers may write the same key at once
+            _upsert(c, kv, {"key": key, "value": value}, {"value": value})
 
     # ------------------------------------------------------------------ metrics and checkpoints
 
