@@ -1,5 +1,6 @@
-"""Shared fixtures for service tests: a real redis-server, real Celery worker processes, a real
-SQLite job store and the real FastAPI app (lifespan included), all on loopback with random ports."""
+"""Shared fixtures for service tests: a real redis-server, real Celery worker processes, a real job
+store (SQLite, and PostgreSQL for modules marked ``both_backends``) and the real FastAPI app
+(lifespan included), all on loopback with random ports."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 
 from core.settings import Settings
 from service.launcher import free_port, redis_command, wait_for_redis
+from tests.pg import PostgresServer, PostgresUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-admin-token"
@@ -93,6 +95,50 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop(signal.SIGKILL)
+
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``both_backends`` that use the store (``db_backend``, ``database_url``, ``service``,
+    ``api``) run once per backend; every other test keeps SQLite, the default, and runs once."""
+    if "db_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
+        metafunc.parametrize("db_backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def db_backend(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the session (tests/pg.py); it failing to start fails the
+    tests that need it, with the reason (scripts/test.sh installs Debian's postgresql)."""
+    server: PostgresServer | None = None
+    try:
+        server = PostgresServer()
+        server.start()
+    except (PostgresUnavailableError, OSError, subprocess.SubprocessError) as exc:
+        if server is not None:
+            server.stop()
+        pytest.fail(f"PostgreSQL for the store tests could not start: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, db_backend: str, tmp_path: Path) -> Iterator[str]:
+    """The job store's URL for this test: SQLite in ``tmp_path/data`` or a fresh PostgreSQL database
+    (dropped afterwards, with whatever connections the test's processes left open)."""
+    if db_backend == "sqlite":
+        yield f"sqlite:///{(tmp_path / 'data' / 'cvpo.db').resolve()}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
 
 
 def _children(pid: int) -> list[int]:
@@ -210,12 +256,17 @@ def env_for(settings: Settings) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if settings.database_url:
+        env["DATABASE_URL"] = settings.database_url
     return env
 
 
 @pytest.fixture
-def service(tmp_path: Path, redis_server: RedisServer) -> Iterator[Service]:
-    settings = service_settings(tmp_path, redis_server.url)
+def service(tmp_path: Path, redis_server: RedisServer, db_backend: str, database_url: str) -> Iterator[Service]:
+    # SQLite keeps the default URL (the store in the data dir), as a deployment without DATABASE_URL has.
+    settings = service_settings(
+        tmp_path, redis_server.url, **({} if db_backend == "sqlite" else {"database_url": database_url})
+    )
     svc = Service(settings, env_for(settings), tmp_path)
     yield svc
     for i, w in enumerate(svc.workers):

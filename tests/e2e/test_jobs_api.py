@@ -1,4 +1,4 @@
-"""The jobs API end to end: real app (lifespan), real Redis, real Celery worker, real SQLite store."""
+"""The jobs API end to end: real app (lifespan), real Redis, real Celery worker, real store (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import orjson
 import pytest
 
 from tests.conftest import TINY_LIMIT, TINY_SPEC, Service, wait_until
+
+pytestmark = pytest.mark.both_backends
 
 MINIMAL = {"env_id": "SafetyPointCircle1-v0", "total_env_steps": 2000, "seed": 0, "cost_limit": 25}
 

@@ -24,16 +24,18 @@ ENV = "SafetyPointCircle1-v0"
 NEW_COLUMNS = {"jobs": {"promotion"}, "policies": {"certificate", "certified", "override"}}
 
 
-def old_store(path: Path) -> str:
+pytestmark = pytest.mark.both_backends
+
+
+def old_store(url: str) -> str:
     """A store as it was before certificates: jobs and policies without the new columns, no evaluations."""
-    url = f"sqlite:///{path}"
     old = sa.MetaData()
     for table in store_module.metadata.sorted_tables:
         if table.name == "evaluations":
             continue
         cols = [c.copy() for c in table.columns if c.name not in NEW_COLUMNS.get(table.name, set())]
         sa.Table(table.name, old, *cols)
-    engine = sa.create_engine(url)
+    engine = store_module.make_engine(url)  # makes a SQLite file's directory
     old.create_all(engine)
     with engine.begin() as c:
         c.execute(
@@ -46,8 +48,8 @@ def old_store(path: Path) -> str:
     return url
 
 
-def test_an_existing_store_gains_the_new_columns_and_keeps_its_rows(tmp_path: Path) -> None:
-    url = old_store(tmp_path / "cvpo.db")
+def test_an_existing_store_gains_the_new_columns_and_keeps_its_rows(tmp_path: Path, database_url: str) -> None:
+    url = old_store(database_url)
     store = Store(url, tmp_path)
     added = ["jobs.promotion", "policies.certificate", "policies.certified", "policies.override"]
     assert sorted(store.migrated) == added
@@ -79,8 +81,8 @@ def test_the_reason_names_each_failing_constraint() -> None:
     assert shortfall(cert) == "cost upper bound 61.23 > limit 25"
 
 
-def test_candidates_are_best_final_and_the_top_by_eval_once_each(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'cvpo.db'}", tmp_path)
+def test_candidates_are_best_final_and_the_top_by_eval_once_each(tmp_path: Path, database_url: str) -> None:
+    store = Store(database_url, tmp_path)
     job, _ = store.create_job(
         client="admin", spec={"env_id": "SafetyPointCircle1-v0", "total_env_steps": 10}, config={},
         max_attempts=1, time_limit_s=60, labels={},

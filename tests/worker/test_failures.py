@@ -12,11 +12,13 @@ from core.store import Store
 from cvpo.config import resolve_config
 from worker.runner import run_job
 
+pytestmark = pytest.mark.both_backends
+
 
 def test_an_internal_error_reaches_the_client_without_its_exception_text(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'cvpo.db'}", tmp_path)
+    store = Store(database_url, tmp_path)
     config = resolve_config({"env_id": "SafetyPointCircle1-v0", "total_env_steps": 500, "loop": {"torch_threads": 1}})
     job, _ = store.create_job(
         client="admin", spec={"env_id": config.env_id, "total_env_steps": 500}, config=config.to_dict(),

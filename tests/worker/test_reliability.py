@@ -1,5 +1,5 @@
 """Worker reliability with real parts (service-design.md §3, §5.1): a real redis-server, real Celery
-worker processes, the real SQLite store. Faults are injected with real signals."""
+worker processes, the real store (SQLite and PostgreSQL). Faults are injected with real signals."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from api.routes.jobs import resolve_spec
 from api.schemas import JobSpec
 from tests.conftest import ROOT, TINY_LIMIT, TINY_SPEC, Service, wait_until
+
+pytestmark = pytest.mark.both_backends
 
 
 def submit(service: Service, send: bool = True, **changes: Any) -> str:
