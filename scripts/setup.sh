@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent installer used by both README commands: Debian redis-server, a .venv in the repo root,
-# the pinned Python dependencies and safety-gymnasium without its broken pins.
+# the pinned Python dependencies and safety-gymnasium without its broken pins; with --with-postgresql
+# (the test command) also Debian's postgresql, for the store tests' throwaway server.
 # Re-running is cheap: the pip step is skipped while pyproject.toml and requirements-nodeps.txt
 # are unchanged (a hash is stored in .venv/.cvpo-installed).
 set -euo pipefail
@@ -34,6 +35,22 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-dejavu-core >/dev/null
     else
         echo "setup: chromium/chromium-driver missing; the dashboard tests need them (apt-get install chromium chromium-driver)" >&2
+    fi
+fi
+
+# The test command (scripts/test.sh passes --with-postgresql) runs the store-bound tests against a
+# throwaway PostgreSQL as well as SQLite; tests/pg.py starts it from Debian's binaries itself.
+if [ "${1:-}" = "--with-postgresql" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && ! command -v initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing postgresql (Debian package, for the store tests)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+        # The package may start a system-wide cluster; the tests run their own on a free port.
+        (service postgresql stop || true) >/dev/null 2>&1
+    else
+        echo "setup: postgresql is missing; the store tests need it (apt-get install postgresql)" >&2
+        exit 1
     fi
 fi
 

@@ -49,7 +49,8 @@ class PostgresServer:
     """One cluster for the whole test session; each test gets a database of its own."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="cvpo-pg-"))
+        # As root the server runs as ``postgres``, which must reach the directory: /tmp, not root's TMPDIR.
+        self.root = Path(tempfile.mkdtemp(prefix="cvpo-pg-", dir="/tmp" if os.geteuid() == 0 else None))
         self.data = self.root / "data"
         self.log_path = self.root / "postgres.log"
         self.port = 0
