@@ -638,6 +638,10 @@ class Store:
             raise ValueError(f"unknown or no scopes {sorted(unknown)}; valid: {list(SCOPES)}")
         if client is not None and not client.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"client {client!r}: use letters, digits, '-' and '_'")
+        # PostgreSQL enforces VARCHAR lengths (SQLite does not): too long is a clear error, not a DataError.
+        for what, value, column in (("name", name, tokens.c.name), ("client", client, tokens.c.client)):
+            if value is not None and not 0 < len(value) <= column.type.length:
+                raise ValueError(f"the {what} must be 1 to {column.type.length} characters")
         raw = secrets.token_urlsafe(32)
         return self.ensure_token(raw, name, scopes, client, expires_at), raw
 

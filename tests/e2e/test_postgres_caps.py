@@ -10,6 +10,7 @@ a key-value row, and CREATE TABLE collisions of stores starting together.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from core import store as store_module
 from core.store import CapExceededError, Store, jobs, tokens
 
 pytestmark = pytest.mark.both_backends
@@ -119,7 +121,8 @@ def test_upserts_of_a_new_key_at_once_do_not_collide(database_url: str, tmp_path
     assert results == [None] * THREADS, results
     store = Store(database_url, tmp_path)
     assert store.get_kv("broker_run_id").startswith("run-")
-    assert [w["id"] for w in store.live_workers("q", 60)] == ["host:1"]
+    (worker,) = store.live_workers("q", 60)
+    assert worker["id"] == "host:1" and worker["capabilities"]["cuda"] is False
 
 
 def test_stores_starting_together_on_an_empty_database_create_the_schema_once(
@@ -128,3 +131,22 @@ def test_stores_starting_together_on_an_empty_database_create_the_schema_once(
     results = together(THREADS, lambda _i: None, lambda _i, _s: Store(database_url, tmp_path))
     assert all(isinstance(r, Store) for r in results), [r for r in results if not isinstance(r, Store)]
     assert results[0].list_jobs(client=None) == ([], None)
+
+
+def test_what_postgresql_enforces_is_a_clear_error_on_both(database_url: str, tmp_path: Path) -> None:
+    """PostgreSQL enforces VARCHAR lengths and 32-bit INTEGER, SQLite neither: the store checks token
+    names itself and keeps 64-bit cursors, so both backends answer alike."""
+    store = Store(database_url, tmp_path)
+    with pytest.raises(ValueError, match="name must be 1 to 200"):
+        store.create_token("n" * 201, ["jobs:read"])
+    assert store.create_token("n" * 200, ["jobs:read"])[0]
+    job_id, _ = submit(store, "c")
+    assert store.events_after(job_id, 2**63 - 1) == []
+    assert store.list_jobs(client="c", page_token=store_module._encode_cursor(2**63 - 1))[0][0].id == job_id
+    # PostgreSQL's json refuses NaN: a non-finite number in a JSON column is stored as null there.
+    store.set_kv("x", {"v": [float("nan"), 1.0], "w": float("-inf")})
+    got = store.get_kv("x")
+    if store.engine.dialect.name == "postgresql":
+        assert got == {"v": [None, 1.0], "w": None}
+    else:
+        assert math.isnan(got["v"][0]) and got["w"] == float("-inf")
