@@ -115,6 +115,14 @@ class AlgoConfig:
     batch_size: int = 256
     updates_per_step: float = 0.2
     cost_mask: str = "terminated"  # mask cost bootstraps on "terminated" or "never" (P8)
+    # "raw": the critics and the M-step see raw Gaussian samples, which the env clips to the [-1, 1]
+    # box (§8.1 P10; FSRL and the paper). "clip": they see the actions the env executes: the replay
+    # stores clipped actions, the E-step scores and fits its K samples clipped, targets bootstrap on
+    # clipped next actions. Raw samples beyond the box are all worth the same to the critics, so the
+    # E-step can widen σ without bound (measured 1.0 → 1.8 on Goal and Circle) and the sampled policy
+    # turns bang-bang while the served mean does not; fitting the executed actions keeps μ in the box
+    # and σ the spread of what is executed (docs/safety-margin.md).
+    action_box: str = "raw"
     pi_old: str = "polyak"  # "polyak" (original code) or "phase" (copied per update phase, FSRL)
     dual_lower: float = 1e-6
     dual_upper: float = 1e5
@@ -419,6 +427,7 @@ def validate(c: TrainConfig) -> None:
     _check(a.pi_old in ("polyak", "phase"), "algo.pi_old", f"must be polyak or phase, got {a.pi_old!r}")
     _check(0 < a.dual_lower < a.dual_upper, "algo.dual_lower", "need 0 < dual_lower < dual_upper")
     _check(a.dual_max_iter >= 1, "algo.dual_max_iter", "must be ≥ 1")
+    _check(a.action_box in ("raw", "clip"), "algo.action_box", f"must be raw or clip, got {a.action_box!r}")
     _check(0 <= a.dual_newton_steps <= 20, "algo.dual_newton_steps", "must be in [0, 20]")
 
     lp = c.loop

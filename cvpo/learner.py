@@ -94,6 +94,7 @@ class Learner:
         self.updates = 0
         # Diagonal actors take the (mean, σ) fast path: no (B, d, d) factors, no triangular solves.
         self.diag = n.covariance == "diag"
+        self.clip_actions = a.action_box == "clip"  # critics and M-step see executed actions
         # Seconds per phase (TIMED_PHASES) after enable_timing(); None costs nothing.
         self.timings: defaultdict[str, float] | None = None
 
@@ -166,10 +167,14 @@ class Learner:
                 else:
                     mean_next, tril_next = self.actor(b.bootstrap_obs)
                     next_action = sample_actions(mean_next, tril_next)
+                if self.clip_actions:
+                    next_action, mean_next = next_action.clamp(-1.0, 1.0), mean_next.clamp(-1.0, 1.0)
                 q_r_next = self.reward_target(b.bootstrap_obs, next_action).min(dim=0).values
                 q_c_next = self.cost_target(b.bootstrap_obs, mean_next)  # (m, B)
             else:
                 next_action = self._sample(self.actor, b.bootstrap_obs)  # a′ ~ π_θ(·|s′)
+                if self.clip_actions:
+                    next_action = next_action.clamp(-1.0, 1.0)
                 q_next = joint_forward((self.reward_target, self.cost_target), b.bootstrap_obs, next_action)
                 q_r_next = q_next[:nr].min(dim=0).values
                 q_c_next = q_next[nr:]  # (m, B)
@@ -230,6 +235,8 @@ class Learner:
             else:
                 mean_old, scale_old = self.actor_old(b.obs)  # L (B, d, d)
                 samples = sample_actions(mean_old, scale_old, a.num_samples)
+            if self.clip_actions:  # score and fit what the env would execute (algo.action_box)
+                samples = samples.clamp(-1.0, 1.0)
             q_r = self.reward_target(b.obs, samples).min(dim=0).values  # (K, B)
             q_c = self.cost_target(b.obs, samples)  # (m, K, B)
         q_r_np = np.ascontiguousarray(q_r.T.cpu().numpy(), dtype=np.float64)  # (B, K)

@@ -275,7 +275,8 @@ class Trainer:
             costs = self.costs_of(cost, info)
             if lp.normalize_obs:
                 self.normalizer.update(obs)
-            self.buffer.add(obs, action, reward, costs, next_obs, terminated, truncated)
+            stored = np.clip(action, -1.0, 1.0) if self.config.algo.action_box == "clip" else action
+            self.buffer.add(obs, stored, reward, costs, next_obs, terminated, truncated)
             ep_return += reward
             ep_cost += costs
             length += 1
@@ -407,7 +408,9 @@ class Trainer:
         return mean[0].cpu().numpy().astype(np.float64), tril[0].cpu().numpy().astype(np.float64)
 
     def predicted_cost(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
-        """The cost critics' Q_c(s, a) per constraint, shape (m,)."""
+        """The cost critics' Q_c(s, a) per constraint, shape (m,) (a clipped as the critics were trained)."""
+        if self.config.algo.action_box == "clip":
+            action = np.clip(action, -1.0, 1.0)
         with torch.no_grad():
             x = torch.as_tensor(self.normalize(obs), dtype=torch.float32, device=self.device).unsqueeze(0)
             a = torch.as_tensor(action, dtype=torch.float32, device=self.device).unsqueeze(0)

@@ -53,7 +53,9 @@ def tiny_train_args(cvpo: str, env_id: str, steps: int, run: Path, *sets: str) -
 MARGIN = {"constraints": {"margin": 0.1, "margin_control": "integral", "probe_every": 1, "margin_target": 0.5}}
 # Validated selection keeps a stored policy (actor, cost critic, normaliser) in the checkpoint.
 VALIDATED = {"loop": {**TINY["loop"], "select": "validated", "validation_episodes": 2}}
-VARIANTS = {"plain": {}, "margin": MARGIN, "validated": VALIDATED}
+# The critics and the M-step see executed (clipped) actions; the mean-action cost continuation on top.
+CLIP = {"algo": {**TINY["algo"], "action_box": "clip"}, "constraints": {"cost_continuation": "mean"}}
+VARIANTS = {"plain": {}, "margin": MARGIN, "validated": VALIDATED, "clip": CLIP}
 
 
 @pytest.mark.slow
@@ -77,6 +79,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path, variant: s
     wa = (tmp_path / "whole" / "policy" / "policy.safetensors").read_bytes()
     wb = (tmp_path / "part" / "policy" / "policy.safetensors").read_bytes()
     assert wa == wb
+    if variant == "clip":  # the replay holds what the env executed, inside the policy's box
+        actions = whole.buffer.state_dict(copy=False)["action"]
+        assert actions.size and np.abs(actions).max() <= 1.0 and (np.abs(actions) == 1.0).any()
     if variant == "validated":  # the last epoch's policy is kept beside the validated choice
         fa = (tmp_path / "whole" / "final_policy" / "policy.safetensors").read_bytes()
         assert fa == (tmp_path / "part" / "final_policy" / "policy.safetensors").read_bytes()
