@@ -153,7 +153,7 @@ def _weights_sha(artefact: Path) -> str | None:
         return None
 
 
-def _rank_key(ck: CheckpointRecord) -> tuple:
+def rank_key(ck: CheckpointRecord) -> tuple:
     """The trainer's own best rule: feasible first by highest eval return, then lowest eval cost."""
     if ck.feasible:
         return (0, -(ck.eval_reward if ck.eval_reward is not None else -math.inf))
@@ -206,7 +206,7 @@ def candidates(store: Store, job: JobRecord, top_k: int) -> list[dict[str, Any]]
     ckpts = [ck for ck in ckpts if (Path(ck.artefact_path or "") / "policy.json").is_file()]
     if ckpts:
         add(ckpts[-1].id, "final", Path(ckpts[-1].artefact_path or ""), ckpts[-1])
-    ranked = sorted(ckpts, key=_rank_key)
+    ranked = sorted(ckpts, key=rank_key)
     extra = 0
     for ck in ranked:
         if extra >= top_k:

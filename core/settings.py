@@ -89,6 +89,11 @@ class Settings:
     allowed_hosts: frozenset[str] = frozenset({"localhost", "127.0.0.1", "::1"})  # CVPO_ALLOWED_HOSTS
     celery_remote_control: bool = False  # CVPO_CELERY_REMOTE_CONTROL
     restart_backoff_max_s: float = 30.0  # CVPO_RESTART_BACKOFF_MAX_S
+    # Disk (issue #23 item 11): full checkpoints (each holds the replay buffer) kept per job besides
+    # the best one and any promoted one (older ones are deleted, their small policy artefacts stay),
+    # and the projected peak footprint a job spec may have (0 = no quota; refused at submission).
+    keep_checkpoints: int = 2  # CVPO_KEEP_CHECKPOINTS
+    job_disk_quota_bytes: int = 16 * 1024 * MiB  # CVPO_JOB_DISK_QUOTA_BYTES (16 GiB; suffixes K/M/G/T)
 
     @property
     def resolved_database_url(self) -> str:
@@ -153,4 +158,25 @@ class Settings:
             or d.allowed_hosts,
             celery_remote_control=env.get("CVPO_CELERY_REMOTE_CONTROL", "off").strip().lower() in ("on", "1", "true"),
             restart_backoff_max_s=_num(env, "CVPO_RESTART_BACKOFF_MAX_S", d.restart_backoff_max_s, float, 1),
+            keep_checkpoints=int(_num(env, "CVPO_KEEP_CHECKPOINTS", d.keep_checkpoints, int, 1)),
+            job_disk_quota_bytes=_bytes(env, "CVPO_JOB_DISK_QUOTA_BYTES", d.job_disk_quota_bytes),
         )
+
+
+_BYTE_UNITS = {"": 1, "K": 1024, "M": MiB, "G": 1024 * MiB, "T": 1024 * 1024 * MiB}
+
+
+def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
+    """A byte count: an integer, optionally with a binary suffix (``20G``, ``512M``, ``1.5T``, ``GiB``)."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    text = raw.upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _BYTE_UNITS else ""
+    try:
+        value = float(text[: len(text) - len(unit)]) * _BYTE_UNITS[unit]
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is not a byte count (e.g. 17179869184, 16G, 512M)") from exc
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{name}={raw!r} must be ≥ 0")
+    return int(value)

@@ -101,6 +101,10 @@ jobs = sa.Table(
     sa.Column("promotion", sa.JSON),
     # Added with in-epoch progress (issue #23): "training" or "evaluating", carried by the heartbeat.
     sa.Column("phase", sa.String(16)),
+    # Added with checkpoint retention (issue #23 item 11): bytes of the run directory, measured by the
+    # worker after each epoch and checkpoint (GET /jobs/{id} and /metrics read it, never the disk).
+    sa.Column("disk_bytes", sa.BigInteger),
+    sa.Column("disk_measured_at", sa.Float),
 )
 
 metric_points = sa.Table(
@@ -129,6 +133,9 @@ checkpoints = sa.Table(
     sa.Column("eval_cost", sa.Float),
     sa.Column("feasible", sa.Boolean),
     sa.Column("created_at", sa.Float, nullable=False),
+    # Checkpoint retention (issue #23 item 11): when the full checkpoint's files were deleted (its
+    # artefact stays); null while they exist. Nothing resumes from a checkpoint with this set.
+    sa.Column("files_deleted_at", sa.Float),
 )
 
 policies = sa.Table(
@@ -332,6 +339,8 @@ class JobRecord:
     seq: int = 0
     promotion: dict[str, Any] | None = None
     phase: str | None = None
+    disk_bytes: int | None = None
+    disk_measured_at: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -387,6 +396,7 @@ class CheckpointRecord:
     eval_cost: float | None
     feasible: bool | None
     created_at: float
+    files_deleted_at: float | None = None
 
 
 @dataclass
@@ -1227,6 +1237,61 @@ class Store:
                 sa.select(checkpoints).where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.seq)
             ).all()
         return [_checkpoint(r) for r in rows]
+
+    def retire_checkpoints(
+        self, job_id: str, attempt: int, owner: str, ids: Iterable[str]
+    ) -> list[CheckpointRecord] | None:
+        """Mark these checkpoints' files deleted (retention, issue #23 item 11) before the worker deletes
+        them, so no row that resume trusts ever points at a half-deleted directory; promoted ones are
+        skipped. Returns the rows marked now; None if fenced."""
+        wanted = list(ids)
+        with self.tx() as c:
+            if self._owned(c, job_id, attempt, owner) is None:
+                return None
+            if not wanted:
+                return []
+            promoted = sa.select(policies.c.checkpoint_id).where(
+                policies.c.job_id == job_id, policies.c.checkpoint_id.is_not(None)
+            )
+            which = sa.and_(
+                checkpoints.c.job_id == job_id,
+                checkpoints.c.id.in_(wanted),
+                checkpoints.c.files_deleted_at.is_(None),
+                checkpoints.c.id.not_in(promoted),
+            )
+            rows = c.execute(sa.select(checkpoints).where(which).order_by(checkpoints.c.seq)).all()
+            if rows:
+                ids_now = [r.id for r in rows]
+                c.execute(
+                    checkpoints.update().where(checkpoints.c.id.in_(ids_now)).values(files_deleted_at=time.time())
+                )
+        return [_checkpoint(r) for r in rows]
+
+    def promoted_checkpoint_ids(self, job_id: str) -> set[str]:
+        """Checkpoints of this job that a policy was promoted from (retention keeps their files)."""
+        with self._read() as c:
+            q = sa.select(policies.c.checkpoint_id).where(
+                policies.c.job_id == job_id, policies.c.checkpoint_id.is_not(None)
+            )
+            return set(c.execute(q).scalars())
+
+    def record_disk_usage(self, job_id: str, attempt: int, owner: str, nbytes: int) -> bool:
+        """The run directory's size as the worker measured it (fenced: a lost attempt writes nothing)."""
+        with self.tx() as c:
+            if self._owned(c, job_id, attempt, owner) is None:
+                return False
+            c.execute(
+                jobs.update().where(jobs.c.id == job_id).values(disk_bytes=int(nbytes), disk_measured_at=time.time())
+            )
+            return True
+
+    def disk_usage(self, client: str | None = None) -> dict[str, int]:
+        """{job id: run directory bytes} of the jobs a worker measured (one client's, or all for None)."""
+        q = sa.select(jobs.c.id, jobs.c.disk_bytes).where(jobs.c.disk_bytes.is_not(None))
+        if client is not None:
+            q = q.where(jobs.c.client == client)
+        with self._read() as c:
+            return {r.id: int(r.disk_bytes) for r in c.execute(q)}
 
     # ------------------------------------------------------------------ policies
 

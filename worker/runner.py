@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core import retention
 from core.queue import JobQueue
 from core.settings import Settings
-from core.store import JobRecord, Store
+from core.store import CheckpointRecord, JobRecord, Store
 
 log = logging.getLogger("cvpo.worker")
 
@@ -95,6 +96,43 @@ def _check_finite(metrics: dict[str, Any]) -> None:
             raise DivergedError(f"{key} became {value} at epoch {metrics.get('epoch')}")
 
 
+def resumable(store: Store, job: JobRecord) -> list[CheckpointRecord]:
+    """Registered checkpoints whose files retention has not deleted and that are complete on disk
+    (``cvpo.checkpoint.list_checkpoints``: manifest present), oldest first."""
+    from cvpo.checkpoint import list_checkpoints
+
+    complete = {p.resolve() for p in list_checkpoints(Path(job.run_dir))}
+    return [
+        ck
+        for ck in store.list_checkpoints(job.id)
+        if ck.files_deleted_at is None and Path(ck.path).resolve() in complete
+    ]
+
+
+def _restore_newest(trainer: Any, ckpts: list[CheckpointRecord]) -> CheckpointRecord | None:
+    """Restore the newest checkpoint that passes its sha256 check (an older one if the newest fails:
+    ``load_checkpoint`` verifies before anything is unpacked, so a failed try changes nothing)."""
+    from cvpo.checkpoint import CheckpointError
+
+    for ck in reversed(ckpts):
+        try:
+            trainer.restore(Path(ck.path))
+            return ck
+        except CheckpointError:
+            log.exception("checkpoint %s cannot be restored; trying an older one", ck.path)
+    return None
+
+
+def measure_disk(store: Store, job: JobRecord, attempt: int, owner: str) -> bool:
+    """Cache the run directory's size in the store (GET /jobs/{id}, /metrics); False if fenced or the
+    write failed (a gauge is not worth failing an epoch for: the next measurement retries)."""
+    try:
+        return store.record_disk_usage(job.id, attempt, owner, retention.dir_bytes(Path(job.run_dir)))
+    except Exception:
+        log.exception("job %s: recording its disk use failed", job.id)
+        return False
+
+
 def run_job(store: Store, queue: JobQueue, settings: Settings, job_id: str, attempt: int, owner: str) -> str:
     """Train the claimed attempt to its end. Returns the outcome (the job's new status)."""
     job = store.get_job(job_id)
@@ -119,9 +157,7 @@ def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str
 
         config = config_from_dict(job.config)
         trainer = Trainer(config, Path(job.run_dir), quiet=True)
-        registered = [ck for ck in store.list_checkpoints(job_id) if Path(ck.path).is_dir()]
-        if registered:
-            trainer.restore(Path(registered[-1].path))
+        resumed = _restore_newest(trainer, resumable(store, job))
     except (ConfigError, ValueError) as exc:
         return fail("invalid_spec", str(exc))
     except Exception as exc:
@@ -129,19 +165,33 @@ def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str
 
     if not store.begin_attempt(job_id, attempt, owner, trainer.epoch):
         _fenced(job_id, attempt)
-    if registered:
-        store.log(job_id, f"attempt {attempt} resumes from {Path(registered[-1].path).name} (epoch {trainer.epoch})")
+    if resumed is not None:
+        store.log(job_id, f"attempt {attempt} resumes from {Path(resumed.path).name} (epoch {trainer.epoch})")
     heartbeat.attach(trainer)
+    settings = heartbeat.settings
+    every = max(1, int(config.loop.checkpoint_every_epochs))
 
     def on_epoch_end(metrics: dict[str, Any]) -> None:
         _check_finite(metrics)
         heartbeat.check(store.record_epoch(job_id, attempt, owner, metrics))
+        if trainer.epoch % every:  # no checkpoint follows this epoch: measure here instead
+            measure_disk(store, job, attempt, owner)
 
     def on_checkpoint(path: Path, meta: dict[str, Any]) -> None:
         # A servable artefact next to every checkpoint, so promotion never needs torch (§2.3).
         artefact = trainer.write_policy(f"artefacts/{path.name}", meta.get("metrics"))
         if store.register_checkpoint(job_id, attempt, owner, path, artefact, meta.get("metrics")) is None:
             _fenced(job_id, attempt)
+        # Retention (issue #23 item 11): the new checkpoint is registered, so older full checkpoints
+        # can go. A disk error here costs disk, never the job; being fenced ends the attempt.
+        try:
+            kept = retention.apply(store, job_id, attempt, owner, Path(job.run_dir), settings.keep_checkpoints)
+        except OSError:
+            log.exception("job %s: checkpoint retention failed; retrying at the next checkpoint", job_id)
+            kept = retention.RetentionResult()
+        if kept is None:
+            _fenced(job_id, attempt)
+        measure_disk(store, job, attempt, owner)
 
     trainer.on_epoch_end.append(on_epoch_end)
     trainer.on_checkpoint.append(on_checkpoint)
@@ -154,6 +204,7 @@ def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str
     except Exception as exc:
         reason = "oom" if "out of memory" in str(exc).lower() else "internal"
         return _internal(store, job_id, attempt, owner, reason, exc)
+    measure_disk(store, job, attempt, owner)  # with the run's final policy artefact
 
     if not result.stopped_early:
         return _succeed(store, heartbeat.settings, job, attempt, owner)

@@ -120,6 +120,9 @@ def job_resource(job: JobRecord, full: bool = True, queue: dict[str, Any] | None
         # Where a queued job stands and whether any worker is there to take it (issue #23 item 12);
         # null once it left the queue and in listings.
         "queue": queue,
+        # The run directory's size as its worker last measured it (after each epoch and checkpoint;
+        # issue #23 item 11): null until a worker has measured it. Never a disk walk per GET.
+        "disk": {"bytes": job.disk_bytes, "measured_at": rfc3339(job.disk_measured_at)},
         "cancel_requested": job.cancel_requested,
         "created_at": rfc3339(job.created_at),
         "started_at": rfc3339(job.started_at),
@@ -241,6 +244,43 @@ def refuse_without_cuda_worker(store: Store, settings: Settings) -> None:
     )
 
 
+DISK_QUOTA_TYPE = "/problems/over-disk-quota"
+
+
+def refuse_over_disk_quota(spec: JobSpec, config: dict[str, Any], settings: Settings) -> None:
+    """A spec whose projected peak footprint (core.footprint) is over CVPO_JOB_DISK_QUOTA_BYTES is a
+    422 carrying the estimate (issue #23 item 11): refused before a worker fills the disk with it."""
+    from core.footprint import estimate, human
+
+    quota = settings.job_disk_quota_bytes
+    if not quota:
+        return
+    est = estimate(config, settings.keep_checkpoints)
+    if est["total_bytes"] <= quota:
+        return
+    buffer_bound = est["buffer_transitions"] < spec.total_env_steps  # loop.buffer_size caps the buffer
+    field, what = (
+        (["body", "hyperparams", "buffer_size"], "loop.buffer_size")
+        if buffer_bound
+        else (["body", "total_env_steps"], "total_env_steps")
+    )
+    detail = (
+        f"the job's projected disk footprint is {human(est['total_bytes'])}, over this server's per-job quota of "
+        f"{human(quota)} (CVPO_JOB_DISK_QUOTA_BYTES): up to {est['checkpoints_kept_at_peak']} full checkpoints of "
+        f"{human(est['checkpoint_bytes'])} (a replay buffer of {est['buffer_transitions']} transitions × "
+        f"{est['bytes_per_transition']} B) plus {est['artefacts']} policy artefacts of "
+        f"{human(est['artefact_bytes'])}; lower {what}"
+    )
+    raise Problem(
+        422,
+        detail,
+        type=DISK_QUOTA_TYPE,
+        title="Over the disk quota",
+        errors=[{"loc": field, "msg": f"projected footprint over the {human(quota)} per-job quota"}],
+        extra={"estimate": est, "quota_bytes": quota},
+    )
+
+
 def _inline_defs(model: type[JobSpec]) -> dict[str, Any]:
     """The model's JSON Schema with its ``$defs`` inlined. pydantic's ``#/$defs/EvalSpec`` resolves
     within the model's own schema, but inside /openapi.json it points at nothing: schemathesis could
@@ -283,10 +323,18 @@ async def create_job(
     echoed, config = resolve_spec(spec)
     settings = request.app.state.settings
     store = store_of(request)
-    if spec.device == "cuda":  # a replay answers what was accepted, whatever the workers are now
+    try:
+        refuse_over_disk_quota(spec, config, settings)
+        over_quota = None
+    except Problem as exc:
+        over_quota = exc
+    if spec.device == "cuda" or over_quota is not None:
+        # A replay answers what was accepted, whatever the workers (or the quota) are now.
         replay = idempotency_key is not None and await asyncio.to_thread(
             store.idempotent_job_id, principal.client, idempotency_key
         )
+        if not replay and over_quota is not None:
+            raise over_quota
         if not replay:
             await asyncio.to_thread(refuse_without_cuda_worker, store, settings)
     body_sha = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
@@ -424,6 +472,9 @@ def job_checkpoints(request: Request, job_id: str, principal: Reader) -> Respons
             "feasible": ck.feasible,
             "is_best": best_epoch is not None and ck.epoch == best_epoch,
             "promotable": ck.artefact_path is not None,
+            # Retention (issue #23 item 11) deletes old full checkpoints; their artefacts stay promotable.
+            "resumable": ck.files_deleted_at is None,
+            "files_deleted_at": rfc3339(ck.files_deleted_at),
             "created_at": rfc3339(ck.created_at),
         }
         for ck in store_of(request).list_checkpoints(job_id)
