@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from results_io import write_result
+
+from bench.results_io import write_result
+from service.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.api.artefact_factory: the same synthetic artefact the API tests use
 
-from service.launcher import free_port  # noqa: E402 - needs ROOT on sys.path
 
 OBS_DIM, ACT_DIM, HIDDEN = 60, 2, (256, 256)
 ADMIN_TOKEN = "bench-admin-token-not-secret"
@@ -177,8 +177,8 @@ def _summary(latencies: list[float], errors: int, seconds: float) -> dict[str, A
 
 def setup_policy(data_dir: Path) -> tuple[str, str, Path]:
     """A synthetic artefact registered to an act-only controller token: (policy id, token, path)."""
+    from bench.synthetic import write_random_artefact
     from core.store import Store
-    from tests.api.artefact_factory import write_random_artefact
 
     artefact = write_random_artefact(
         data_dir / "policies" / "synthetic",
@@ -230,14 +230,14 @@ def start_server(data_dir: Path, port: int, cpu: int | None, variant: str = "as_
             "CVPO_API_TOKEN": ADMIN_TOKEN,
             "CVPO_RECONCILE_EVERY_S": "0",
             "REDIS_URL": "redis://127.0.0.1:9/0",  # /act and /livez never touch the broker
-            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}",
+            "PYTHONPATH": str(ROOT),
             "CVPO_BENCH_VARIANT": variant,
         }
     )
     # Same settings as `cvpo api` (service/launcher.py run_api) but with warning-level logs, which
     # also turns off uvicorn's per-request access log line.
     cmd = [
-        sys.executable, "-m", "uvicorn", "act_latency:variant_app", "--factory", "--host", "127.0.0.1",
+        sys.executable, "-m", "uvicorn", "bench.act_latency:variant_app", "--factory", "--host", "127.0.0.1",
         "--port", str(port), "--workers", "1", "--log-level", "warning", "--limit-concurrency", "256",
     ]  # fmt: skip
     if cpu is not None:

@@ -50,10 +50,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from act_latency import ROOT, _request, _response_size, setup_policy
-from live import ADMIN_TOKEN, LiveService, act_request, cpu_seconds, open_loop, summarise
-from results_io import machine_load, write_result
 
+from bench.act_latency import ROOT, _request, _response_size, setup_policy
+from bench.live import ADMIN_TOKEN, LiveService, act_request, cpu_seconds, open_loop, summarise
+from bench.results_io import machine_load, write_result
 from service.launcher import free_port, redis_command, wait_for_redis
 
 JOB = {

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_io import write_result
 
+from bench.results_io import write_result
 from cvpo import envs
 
 TASKS = (

@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cvpo.envs import compat  # noqa: E402  (must come before anything imports safety_gymnasium)
+# Run by FSRL's virtualenv with PYTHONPATH=<repo root> (bench/vs_fsrl*.py set it): the engine's
+# fast-reset compat layer is the only piece of this repository it needs.
+from cvpo.envs import compat  # must come before anything imports safety_gymnasium
 
 _STOCK: Any = None
 EVAL_SEED_BASE = 1_000_003  # cvpo.trainer's evaluation seed base (not imported: FSRL's venv lacks our deps)

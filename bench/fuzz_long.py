@@ -32,12 +32,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from results_io import machine_load, write_result
+from bench.results_io import machine_load, write_result
+from service.launcher import free_port, redis_command, wait_for_redis
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from service.launcher import free_port, redis_command, wait_for_redis  # noqa: E402
 
 ADMIN = "fuzz-admin-token"
 
@@ -69,7 +68,7 @@ def _ctype(headers: Any) -> str:
 
 def setup(client: Any, tmp: Path) -> dict[str, Any]:
     """Tokens, policies and jobs for the generated requests to hit."""
-    from tests.api.artefact_factory import write_random_artefact
+    from bench.synthetic import write_random_artefact
 
     store = client.app.state.store
     ids: dict[str, Any] = {"tokens": {}, "policies": {}, "jobs": {}}

@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from results_io import write_result
-from stats import align_curves, band, bootstrap_ci, feasible_fraction
 
+from bench.results_io import write_result
+from bench.stats import align_curves, band, bootstrap_ci, feasible_fraction
 from cvpo.checkpoint import list_checkpoints
 from cvpo.config import ConfigError, build_overrides, config_from_dict, expand_overrides, resolve_config
 

@@ -28,13 +28,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
 TASK = "SafetyPointCircle1-v0"
 CHILD = """
 import json, sys, tempfile, time
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
 from cvpo.config import resolve_config
 from cvpo.trainer import Trainer
 import cvpo
@@ -52,7 +50,7 @@ print(json.dumps({"eval_return": m["eval_return"], "eval_cost": m["eval_cost"], 
 
 
 def run_config(seed: int, budget: int, eval_episodes: int) -> dict[str, Any]:
-    from vs_fsrl import ours_config
+    from bench.vs_fsrl import ours_config
 
     cfg = ours_config(TASK, seed, warmup=budget, window=0, threads=1)
     cfg["loop"].update(eval_episodes=eval_episodes, update_every=500)
@@ -78,8 +76,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/learning_equivalence.json")
     args = parser.parse_args()
 
-    from results_io import write_result
-    from stats import mean_ci
+    from bench.results_io import write_result
+    from bench.stats import mean_ci
 
     done: list[dict[str, Any]] = []
     if args.out.exists():
@@ -143,6 +141,7 @@ def main() -> None:
                 capture_output=True,
                 text=True,
                 cwd=tmp,
+                env={**os.environ, "PYTHONPATH": str(src)},  # the engine checkout under test comes first
                 timeout=7200,
             )
             if out.returncode != 0:

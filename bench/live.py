@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from act_latency import ROOT, _request, _response_size, setup_policy
 
+from bench.act_latency import ROOT, _request, _response_size, setup_policy
 from service.launcher import free_port, redis_command, wait_for_redis
 
 ADMIN_TOKEN = "bench-admin-token-not-secret"
@@ -83,7 +83,7 @@ class LiveService:
         wait_for_redis(redis_port, proc=self.procs["redis"])
         self.policy_id, self.controller_token, _ = setup_policy(self.data_dir)
         self.port = free_port()
-        cli = [sys.executable, "-m", "cvpo.cli"]
+        cli = [sys.executable, "-m", "service.cli"]  # serve/api/worker live in the service package
         if self.worker:
             with open(self.data_dir / "worker.log", "w") as log:
                 self.procs["worker"] = subprocess.Popen(

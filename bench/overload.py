@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from act_latency import drive_blocking
-from live import LiveService, Sample, act_request, cpu_seconds, open_loop, summarise
-from results_io import machine_load, write_result
+
+from bench.act_latency import drive_blocking
+from bench.live import LiveService, Sample, act_request, cpu_seconds, open_loop, summarise
+from bench.results_io import machine_load, write_result
 
 UNCAPPED = 100_000  # CVPO_MAX_INFLIGHT of the baseline runs: never reached, so nothing is shed
 

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from live import LiveService, act_request, open_loop, rss_mib, summarise
-from results_io import machine_load, write_result
+
+from bench.live import LiveService, act_request, open_loop, rss_mib, summarise
+from bench.results_io import machine_load, write_result
 
 # The circle preset (2x256 nets, K=32) with shorter epochs, so progress shows every ~1000 steps.
 JOB = {

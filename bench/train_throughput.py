@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results_io import write_result
 
+from bench.results_io import write_result
 from cvpo.config import resolve_config
 from cvpo.learner import TIMED_PHASES, Learner, MinibatchTensors
 from cvpo.trainer import Trainer

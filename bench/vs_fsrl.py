@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.results_io import machine_load
 
-from results_io import machine_load  # noqa: E402  (bench/ is on the path only from here)
+ROOT = Path(__file__).resolve().parents[1]
+
 
 TASKS = ("SafetyPointCircle1-v0", "SafetyPointGoal1-v0")
 FSRL_ROWS = ("fsrl-stock", "fsrl-fast")
@@ -140,7 +140,9 @@ def run_ours(task: str, seed: int, warmup: int, window: int, threads: int) -> di
 
 def child(cmd: list[str], timeout: float) -> dict[str, Any]:
     before = machine_load()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    # PYTHONPATH: FSRL's virtualenv lacks this repository; bench/fsrl_launch.py imports cvpo.envs.compat.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -175,8 +177,9 @@ def main() -> None:
         return
 
     import torch
-    from fsrl_env import ensure_venv
-    from results_io import write_result
+
+    from bench.fsrl_env import ensure_venv
+    from bench.results_io import write_result
 
     fsrl_python = ensure_venv(quiet=True) if any(r in args.rows for r in FSRL_ROWS) else None
     rows: list[dict[str, Any]] = []

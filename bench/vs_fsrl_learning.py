@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
 ARMS = ("fsrl", "ours")
 COST_LIMIT = 25.0
@@ -58,7 +57,7 @@ print(json.dumps({"env_steps": result.env_steps, "updates": trainer.learner.upda
 
 def ours_learning_config(task: str, seed: int, budget: int, threads: int) -> dict[str, Any]:
     """FSRL's config (vs_fsrl.ours_config) for ``budget`` env steps, no evaluation while training."""
-    from vs_fsrl import ours_config
+    from bench.vs_fsrl import ours_config
 
     cfg = ours_config(task, seed, warmup=budget, window=0, threads=threads)
     cfg["loop"].update(eval_episodes=0)
@@ -77,9 +76,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from fsrl_env import ensure_venv
-    from results_io import machine_load, write_result
-    from stats import feasible_fraction, mean_ci
+
+    from bench.fsrl_env import ensure_venv
+    from bench.results_io import machine_load, write_result
+    from bench.stats import feasible_fraction, mean_ci
 
     fsrl_python = ensure_venv(quiet=True)
     settings = {

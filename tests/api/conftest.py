@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.synthetic import write_random_artefact
 from core.settings import Settings
 from core.store import Store
-from tests.api.artefact_factory import write_random_artefact
 
 ADMIN = "policy-tests-admin-token"
 OBS_DIM = 6

@@ -37,8 +37,8 @@ from api.shield import (
     load_hooks,
     validate_shield_spec,
 )
+from bench.synthetic import write_random_artefact
 from cvpo.artefact import PolicyRuntime, load_policy
-from tests.api.artefact_factory import write_random_artefact
 
 OBS, ACT, MAX_BATCH = 6, 2, 32
 LOW, HIGH = [-0.5, -2.0], [1.5, 0.25]

@@ -21,8 +21,8 @@ from prometheus_client import REGISTRY
 from api.act import PolicyCache, _macs_per_row, act, parse_act_request
 from api.errors import Problem
 from api.shield import ShieldSpecError, build_shield, cost_budget_fallback, hook_params, validate_shield_spec
+from bench.synthetic import write_random_artefact
 from cvpo.artefact import PolicyRuntime, load_policy
-from tests.api.artefact_factory import write_random_artefact
 from tests.api.conftest import ADMIN, Served, served_settings
 
 OBS, ACT, MAX_BATCH = 6, 2, 32

@@ -279,7 +279,7 @@ def test_bundle_export_holds_the_native_files(served: Served) -> None:
 
 def test_act_says_whether_the_policy_is_certified(served: Served) -> None:
     """X-Policy-Certified on every /act answer; policies without a certificate count as not certified."""
-    from tests.api.artefact_factory import write_random_artefact
+    from bench.synthetic import write_random_artefact
 
     plain = act(served, "plain", {"observations": ROWS.tolist()}, role="owner")
     assert plain.status_code == 200 and plain.headers["x-policy-certified"] == "false"

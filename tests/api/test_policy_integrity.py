@@ -18,8 +18,8 @@ import sqlalchemy as sa
 
 from api.routes.jobs import resolve_spec
 from api.schemas import JobSpec
+from bench.synthetic import write_random_artefact
 from core.store import policies
-from tests.api.artefact_factory import write_random_artefact
 from tests.api.conftest import HIGH, LOW, OBS_DIM, Served
 from tests.api.test_policies_http import ROWS, act, assert_problem
 

@@ -6,7 +6,6 @@ attacks biting."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,9 @@ RESULTS = BENCH / "results"
 
 @pytest.fixture(scope="module")
 def attacks_module() -> Any:
-    sys.path.insert(0, str(BENCH))  # bench/attacks.py imports its siblings (live, act_latency) by name
-    try:
-        import attacks
+    from bench import attacks
 
-        return attacks
-    finally:
-        sys.path.remove(str(BENCH))
+    return attacks
 
 
 def test_every_attack_meets_the_goal_and_the_lease_holds(attacks_module: Any) -> None:

@@ -180,11 +180,8 @@ def test_bad_grid_files_fail_before_any_run_starts(tmp_path: Path, text: str, me
 
 def test_a_run_started_before_the_engine_gained_a_knob_still_resumes(tmp_path: Path) -> None:
     """config.json without a knob added since (at its default) matches; a changed value does not."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import grid
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    from bench import grid
+
     g = grid.load_grid(tiny_grid(tmp_path / "g.toml", [0], 1000))
     run = grid.plan_runs(g, tmp_path / "out")[0]
     run.run_dir.mkdir(parents=True)

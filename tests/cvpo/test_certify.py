@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.synthetic import write_random_artefact
 from cvpo.certify import CERT_SEED_BASE, Certificate, certify_policy, cost_upper_bound, summarise
 from cvpo.trainer import EVAL_SEED_BASE
-from tests.api.artefact_factory import write_random_artefact
 
 REPS, N = 2000, 30
 

@@ -11,12 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from bench.synthetic import write_random_artefact
 from cvpo.artefact import ArtefactError, load_policy
 from cvpo.certify import Certificate, certify_policy
 from cvpo.config import resolve_config
 from cvpo.onnx_export import export_onnx
 from cvpo.thresholds import per_step_threshold
-from tests.api.artefact_factory import write_random_artefact
 from tests.cvpo.test_trainer import TINY
 
 

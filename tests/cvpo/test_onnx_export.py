@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from bench.synthetic import write_random_artefact
 from cvpo.artefact import ArtefactError, PolicyRuntime, load_policy
 from cvpo.onnx_export import IR_VERSION, OPSET, export_onnx
-from tests.api.artefact_factory import write_random_artefact
 
 CASES: dict[str, dict[str, Any]] = {
     "normalised_asymmetric_box": {

@@ -37,8 +37,8 @@ ATTACKER = "127.0.0.2"  # another client address on the loopback interface
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """Redis and ``cvpo api`` (no worker: nothing here trains) with a synthetic policy and an act-only token."""
+    from bench.synthetic import write_random_artefact
     from core.store import Store
-    from tests.api.artefact_factory import write_random_artefact
 
     tmp = tmp_path_factory.mktemp("guarded")
     redis = RedisServer(tmp / "redis-data")
@@ -218,9 +218,9 @@ def in_process(tmp_path: Path) -> Iterator[tuple[Any, int, str, str]]:
 
     from api.app import create_app
     from api.shedding import shedding_protocol
+    from bench.synthetic import write_random_artefact
     from core.settings import Settings
     from core.store import Store
-    from tests.api.artefact_factory import write_random_artefact
 
     settings = Settings(
         data_dir=tmp_path / "data",

@@ -169,7 +169,7 @@ def test_a_policy_within_its_limit_is_certified_and_can_be_evaluated_on_demand(a
     ],
 )
 def test_evaluation_inputs_are_422_naming_the_field(api: Any, body: dict[str, Any], loc: str) -> None:
-    from tests.api.artefact_factory import write_random_artefact
+    from bench.synthetic import write_random_artefact
 
     store = api.app.state.store
     artefact = write_random_artefact(

@@ -268,8 +268,8 @@ MAX_CONNECTIONS = 90
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    from bench.synthetic import write_random_artefact
     from core.store import Store
-    from tests.api.artefact_factory import write_random_artefact
 
     tmp = tmp_path_factory.mktemp("live")
     redis = RedisServer(tmp / "redis-data")

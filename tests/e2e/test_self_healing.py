@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import redis
 
+from bench.synthetic import write_random_artefact
 from core.store import Store
 from service.launcher import free_port
-from tests.api.artefact_factory import write_random_artefact
 from tests.conftest import ROOT, TINY_SPEC, wait_until
 
 TOKEN = "self-healing-admin-token"

@@ -24,6 +24,7 @@ FORBIDDEN = {
     "api": {"worker", "service", "bench"},
     "worker": {"api", "service", "bench"},
     "service": {"bench"},
+    "bench": {"tests"},  # benchmarks may use every package, never the test suite's helpers
 }
 
 
@@ -59,3 +60,18 @@ def test_importing_a_lower_package_loads_nothing_above_it(package: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert set(json.loads(out.stdout.splitlines()[-1])) & FORBIDDEN[package] == set()
+
+
+def test_bench_is_a_package_that_never_edits_sys_path() -> None:
+    """bench/ modules import each other as bench.<module>; a sys.path insert would let one module load
+    twice under two names (``stats`` and ``bench.stats``), and hides what a benchmark depends on."""
+    assert (ROOT / "bench" / "__init__.py").is_file()
+    offenders = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in ("insert", "append", "extend"):
+                target = node.value
+                is_sys_path = isinstance(target, ast.Attribute) and target.attr == "path"
+                if is_sys_path and getattr(target.value, "id", "") == "sys":
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from bench.synthetic import write_random_artefact
 from core import store as store_module
 from core.certification import candidates, job_params, shortfall, stochastic_for
 from core.settings import Settings
 from core.store import Store
 from cvpo.certify import cost_upper_bound
-from tests.api.artefact_factory import write_random_artefact
 from tests.conftest import CERTIFY_EPISODES, TINY_LIMIT
 
 ENV = "SafetyPointCircle1-v0"
