@@ -41,7 +41,6 @@ import multiprocessing as mp
 import secrets
 import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,10 +50,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.act_latency import ROOT, _request, _response_size, setup_policy
+from bench.act_latency import _request, _response_size
 from bench.live import ADMIN_TOKEN, LiveService, act_request, cpu_seconds, open_loop, summarise
 from bench.results_io import machine_load, write_result
-from service.launcher import free_port, redis_command, wait_for_redis
 
 JOB = {
     "env_id": "SafetyPointCircle1-v0",
@@ -71,34 +69,6 @@ API_ENV = {
 }
 ATTACKS = ("slow_bodies_no_token", "slow_bodies_with_token", "idle_sockets", "invalid_token_flood")
 EXTRA_ATTACKS = ("event_stream_flood",)  # run on request (--attacks); streams are issue #23 item 4's
-
-
-class Service(LiveService):
-    """bench/live.py's service, started with the ``cvpo`` command of ``service.cli`` (``cvpo.cli`` is the
-    engine's command since the layout change and has no ``api``/``worker``)."""
-
-    def start(self) -> Service:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        redis_port = free_port()
-        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        self.procs["redis"] = subprocess.Popen(redis_command(self.data_dir, redis_port), stdout=subprocess.DEVNULL)
-        wait_for_redis(redis_port, proc=self.procs["redis"])
-        self.policy_id, self.controller_token, _ = setup_policy(self.data_dir)
-        self.port = free_port()
-        cli = [sys.executable, "-m", "service.cli"]
-        for name, argv in (
-            ("worker", ["worker", "--log-level", "warning"]),
-            ("api", ["api", "--log-level", "warning"]),
-        ):
-            with open(self.data_dir / f"{name}.log", "w") as log:
-                self.procs[name] = subprocess.Popen([*cli, *argv], env=self.env(), cwd=ROOT, stdout=log, stderr=log)
-        deadline = time.monotonic() + 90
-        while self.call("GET", "/livez", None)[0] != 200:
-            if time.monotonic() > deadline or self.procs["api"].poll() is not None:
-                self.stop()
-                raise RuntimeError(f"the API did not come up; see {self.data_dir / 'api.log'}")
-            time.sleep(0.2)
-        return self
 
 
 # ------------------------------------------------------------------------------------- attackers
@@ -441,7 +411,7 @@ def main() -> None:
     load_before = machine_load()
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        svc = Service(Path(tmp) / "data", dict(API_ENV)).start()
+        svc = LiveService(Path(tmp) / "data", dict(API_ENV), worker=True).start()
         try:
             status, job = svc.call("POST", "/jobs", body=JOB)
             if status != 202:

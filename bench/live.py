@@ -95,7 +95,7 @@ class LiveService:
             api = ["taskset", "-c", str(self.api_cpu), *api]
         with open(self.data_dir / "api.log", "w") as log:
             self.procs["api"] = subprocess.Popen(api, env=self.env(), cwd=ROOT, stdout=log, stderr=log)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90  # a loaded 2-core host with a worker starting beside it
         while self.call("GET", "/livez", None)[0] != 200:
             if time.monotonic() > deadline or self.procs["api"].poll() is not None:
                 self.stop()
