@@ -348,7 +348,7 @@ class LeaseWatch(threading.Thread):
         }
 
 
-def measure(svc: Service, request: bytes, rate: float, seconds: float) -> dict[str, Any]:
+def measure(svc: LiveService, request: bytes, rate: float, seconds: float) -> dict[str, Any]:
     fresh = FreshConnections(svc.port, request)
     cpu0 = cpu_seconds(svc.api_pid)
     fresh.start()
