@@ -1555,4 +1555,13 @@ def latest_view(metrics: dict[str, Any]) -> dict[str, Any]:
         "lambda_at_floor_share": metrics.get("lambda_at_floor_0"),
         "lambda_at_cap_share": metrics.get("lambda_at_cap_0"),
         "estep_kl_max": metrics.get("estep_kl_max"),
+        # loop.select = "validated" (docs/safety-margin.md): this epoch's validation numbers, the epoch
+        # chosen so far, and on the last epoch the chosen policy's evaluation numbers.
+        "validation_reward": metrics.get("validation_return"),
+        "validation_cost": metrics.get("validation_cost"),
+        "validation_cost_bound": metrics.get("validation_cost_bound"),
+        "selected_epoch": (metrics.get("selected") or {}).get("epoch"),
+        "served_epoch": metrics.get("served_epoch"),
+        "served_eval_reward": metrics.get("served_eval_return"),
+        "served_eval_cost": metrics.get("served_eval_cost"),
     }
