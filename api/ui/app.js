@@ -469,6 +469,7 @@
         ["Cost critic: predicted / realised", latest.critic_cost_predicted == null ? "—" : `${fmt(latest.critic_cost_predicted, 2)} / ${fmt(latest.critic_cost_realised, 2)}`],
         ["λ at floor / at cap (share of updates)", latest.lambda_at_floor_share == null ? "—" : `${fmt(latest.lambda_at_floor_share, 2)} / ${fmt(latest.lambda_at_cap_share, 2)}`],
         ["Max E-step KL", fmt(latest.estep_kl_max, 4)],
+        ["Validated choice (loop.select)", latest.selected_epoch == null ? "—" : `epoch ${latest.selected_epoch}; this epoch: validation reward ${fmt(latest.validation_reward)}, cost ${fmt(latest.validation_cost)} (bound ${fmt(latest.validation_cost_bound)})`],
         ["Best", best ? `epoch ${best.epoch ?? "?"}: reward ${fmt(best.eval_return ?? best.eval_reward)}, cost ${fmt(best.eval_cost)}` : "—"],
         ["Created", timeEl(j.created_at)], ["Started", timeEl(j.started_at)], ["Finished", timeEl(j.finished_at)],
         ["Env steps/s", fmt(p.env_steps_per_s, 0)],
