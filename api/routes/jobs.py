@@ -255,7 +255,11 @@ def refuse_over_disk_quota(spec: JobSpec, config: dict[str, Any], settings: Sett
     quota = settings.job_disk_quota_bytes
     if not quota:
         return
-    est = estimate(config, settings.keep_checkpoints)
+    try:
+        est = estimate(config, settings.keep_checkpoints)
+    except (ArithmeticError, LookupError, TypeError, ValueError):  # a config the engine accepted: never a 500
+        log.exception("disk footprint estimate failed; the spec is not checked against the quota")
+        return
     if est["total_bytes"] <= quota:
         return
     buffer_bound = est["buffer_transitions"] < spec.total_env_steps  # loop.buffer_size caps the buffer

@@ -1,4 +1,5 @@
-"""Checkpoint retention against a real store and real directories, without training (issue #23 item 11).
+"""Checkpoint retention with a real store (SQLite and PostgreSQL) and real directories, no training
+(issue #23 item 11).
 
 The end-to-end runs (a real worker training, a kill -9 and a resume with retention on) are in
 tests/e2e/test_retention.py; here each rule is checked on hand-made checkpoints: the newest N, the
@@ -23,11 +24,12 @@ from core.store import Store, policies
 from worker.runner import resumable
 
 OWNER = "host:1"
+pytestmark = pytest.mark.both_backends
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(f"sqlite:///{tmp_path / 'cvpo.db'}", tmp_path)
+def store(tmp_path: Path, database_url: str) -> Store:
+    return Store(database_url, tmp_path)
 
 
 def claimed_job(store: Store) -> Any:
@@ -119,3 +121,13 @@ def test_dir_bytes_counts_file_sizes(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "a" / "x")
     assert retention.dir_bytes(tmp_path) == 1234
     assert retention.dir_bytes(tmp_path / "missing") == 0
+
+
+def test_disk_use_is_recorded_by_the_lease_holder_only(store: Store) -> None:
+    job = claimed_job(store)
+    big = 5 * 2**40  # past 32 bits: a BIGINT column on PostgreSQL
+    assert store.record_disk_usage(job.id, 1, OWNER, big)
+    assert not store.record_disk_usage(job.id, 1, "another:2", 1), "fenced"
+    record = store.get_job(job.id)
+    assert record.disk_bytes == big and record.disk_measured_at is not None
+    assert store.disk_usage("c") == {job.id: big} and store.disk_usage("someone-else") == {}
