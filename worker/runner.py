@@ -157,7 +157,8 @@ def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str
 
         config = config_from_dict(job.config)
         trainer = Trainer(config, Path(job.run_dir), quiet=True)
-        resumed = _restore_newest(trainer, resumable(store, job))
+        candidates = resumable(store, job)
+        resumed = _restore_newest(trainer, candidates)
     except (ConfigError, ValueError) as exc:
         return fail("invalid_spec", str(exc))
     except Exception as exc:
@@ -167,6 +168,8 @@ def _run(store: Store, queue: JobQueue, job: JobRecord, attempt: int, owner: str
         _fenced(job_id, attempt)
     if resumed is not None:
         store.log(job_id, f"attempt {attempt} resumes from {Path(resumed.path).name} (epoch {trainer.epoch})")
+    elif candidates:
+        store.log(job_id, f"attempt {attempt} starts over: no checkpoint passed its sha256 check", "warning")
     heartbeat.attach(trainer)
     settings = heartbeat.settings
     every = max(1, int(config.loop.checkpoint_every_epochs))

@@ -131,3 +131,25 @@ def test_disk_use_is_recorded_by_the_lease_holder_only(store: Store) -> None:
     record = store.get_job(job.id)
     assert record.disk_bytes == big and record.disk_measured_at is not None
     assert store.disk_usage("c") == {job.id: big} and store.disk_usage("someone-else") == {}
+
+
+def test_resume_falls_back_to_an_older_checkpoint_when_the_newest_fails_its_check(store: Store) -> None:
+    from cvpo.checkpoint import CheckpointError
+    from worker.runner import _restore_newest
+
+    job = claimed_job(store)
+    ids = [register(store, job, step, reward=step, cost=0.0, feasible=True) for step in (1000, 2000)]
+
+    class Trainer:
+        def __init__(self) -> None:
+            self.tried: list[str] = []
+
+        def restore(self, path: Path) -> None:
+            self.tried.append(path.name)
+            if path.name == "ckpt_0000002000":
+                raise CheckpointError("arrays.npz fails its sha256 check")
+
+    trainer = Trainer()
+    restored = _restore_newest(trainer, resumable(store, job))
+    assert restored is not None and restored.id == ids[0]
+    assert trainer.tried == ["ckpt_0000002000", "ckpt_0000001000"]
