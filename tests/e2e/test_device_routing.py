@@ -10,8 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
 from tests.conftest import TINY_SPEC, Service, wait_until
 from tests.e2e.test_jobs_api import assert_problem, post_job
+
+pytestmark = pytest.mark.both_backends
 
 CUDA_SPEC = {**TINY_SPEC, "device": "cuda"}
 

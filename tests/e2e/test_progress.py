@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.conftest import TINY_SPEC, Service, wait_until
 from tests.e2e.test_jobs_api import post_job, wait_job
+
+pytestmark = pytest.mark.both_backends
 
 
 def test_progress_moves_while_the_first_epoch_runs(api: Any, service: Service) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.conftest import Service, wait_until
 from tests.e2e.test_jobs_api import post_job
+
+pytestmark = pytest.mark.both_backends
 
 
 def queue_of(api: Any, job_id: str) -> dict[str, Any] | None:

@@ -20,6 +20,8 @@ from core.store import tokens
 from service.launcher import free_port
 from tests.conftest import TINY_SPEC, TOKEN, Service, wait_until
 
+pytestmark = pytest.mark.both_backends
+
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 READ_TIMEOUT_S = 10.0  # below the 15 s keep-alive: a silent stream fails the read
 STREAM_WITHIN_S = 40.0  # a stream that should end by itself but does not fails the test after this
