@@ -332,7 +332,7 @@ def run_grid(grid: Grid, runs: list[Run], workers: int) -> int:
     failed: list[str] = []
     forwarded, done, last_prune = 0, len(runs) - len(todo), 0.0
     try:
-        while todo or running:
+        while running or (todo and not interrupts.count):  # once interrupted, nothing new starts
             if interrupts.count > forwarded:
                 forwarded = interrupts.count
                 what = "stop at the next episode end and checkpoint" if forwarded == 1 else "abort"

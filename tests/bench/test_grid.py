@@ -123,7 +123,9 @@ def test_grid_runs_in_parallel_skips_finished_runs_and_aggregates(tmp_path: Path
 
 
 def test_interrupted_grid_checkpoints_and_resumes(tmp_path: Path) -> None:
-    grid = tiny_grid(tmp_path / "resume.toml", seeds=[0], steps=3000)
+    # Two seeds on one worker: seed 1 has not started when Ctrl-C comes, and the grid must still exit
+    # (it used to wait forever for runs it would never start).
+    grid = tiny_grid(tmp_path / "resume.toml", seeds=[0, 1], steps=3000)
     out = tmp_path / "out"
     run_dir = out / "runs" / f"{TASK}__s0"
     proc = subprocess.Popen(
@@ -155,6 +157,7 @@ def test_interrupted_grid_checkpoints_and_resumes(tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["env_steps"]) for r in rows] == [(e, 500 * (e + 1)) for e in range(6)]
     assert (run_dir / "policy" / "policy.json").is_file()
+    assert (out / "runs" / f"{TASK}__s1" / "policy" / "policy.json").is_file()
 
 
 BASE = 'tasks = ["SafetyPointCircle1-v0"]\nseeds = [0]\ntotal_env_steps = 10\ncost_limit = 25\n'
