@@ -544,7 +544,25 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, json_serializer=_finite_json)
+    engine = sa.create_engine(url, pool_pre_ping=True, json_serializer=_finite_json)
+    if engine.dialect.name == "postgresql":
+        sa.event.listen(engine, "before_cursor_execute", _nul_free_params, retval=True)
+    return engine
+
+
+def _nul_free_params(
+    _conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, _many: bool
+) -> tuple[str, Any]:
+    """PostgreSQL text cannot hold NUL (SQLite's can): a NUL in a bound string (an id or filter from a URL,
+    ``/jobs/job_%00``) was a DataError, a 500. It becomes U+FFFD, so such a lookup finds nothing (404, as
+    on SQLite) and such a value is stored instead of failing. JSON columns arrive escaped, untouched."""
+
+    def clean(p: Any) -> Any:
+        if isinstance(p, dict):
+            return {k: v.replace("\x00", "\ufffd") if isinstance(v, str) and "\x00" in v else v for k, v in p.items()}
+        return p
+
+    return statement, [clean(p) for p in params] if isinstance(params, list) else clean(params)
 
 
 def _migrate(engine: Engine) -> list[str]:

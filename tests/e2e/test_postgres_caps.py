@@ -150,3 +150,15 @@ def test_what_postgresql_enforces_is_a_clear_error_on_both(database_url: str, tm
         assert got == {"v": [None, 1.0], "w": None}
     else:
         assert math.isnan(got["v"][0]) and got["w"] == float("-inf")
+
+
+def test_a_nul_in_an_id_or_filter_finds_nothing_on_both(api: Any) -> None:
+    """PostgreSQL text cannot hold NUL: a lookup with one was a DataError (500) there, 404/empty on SQLite."""
+    from tests.e2e.test_jobs_api import MINIMAL, post_job
+
+    job_id = post_job(api, MINIMAL).json()["id"]
+    for path in ("/jobs/job_%00", f"/jobs/{job_id}%00", "/policies/pol_%00", "/jobs/job_%00/metrics"):
+        assert api.get(path).status_code == 404, path
+    assert api.get("/jobs", params={"env_id": "Safety\x00"}).json()["items"] == []
+    assert api.get("/policies", params={"job_id": "job_\x00"}).json()["items"] == []
+    assert api.get("/jobs").json()["items"][0]["id"] == job_id
