@@ -1,5 +1,5 @@
 """Checkpoint retention, disk use and the disk quota end to end (issue #23 item 11): the real app, a
-real Redis, real Celery workers training tiny jobs, the real SQLite store.
+real Redis, real Celery workers training tiny jobs, the real store (SQLite and PostgreSQL).
 
 Full checkpoints hold the replay buffer; a job kept every one of them. With retention (here
 CVPO_KEEP_CHECKPOINTS=1) the worker keeps the newest, the best and promoted ones, and every policy
@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -23,6 +24,7 @@ from core import retention
 from core.footprint import estimate
 from tests.conftest import TINY_SPEC, TOKEN, Service, wait_until
 
+pytestmark = pytest.mark.both_backends
 STEPS = 3000  # six 500-step epochs, a checkpoint after each
 
 

@@ -153,3 +153,38 @@ def test_resume_falls_back_to_an_older_checkpoint_when_the_newest_fails_its_chec
     restored = _restore_newest(trainer, resumable(store, job))
     assert restored is not None and restored.id == ids[0]
     assert trainer.tried == ["ckpt_0000002000", "ckpt_0000001000"]
+
+
+MY_COLUMNS = {
+    "jobs": {"disk_bytes", "disk_measured_at"},
+    "checkpoints": {"files_deleted_at"},
+    "policies": {"meta_sha256"},
+}
+
+
+def test_an_existing_store_gains_the_retention_and_integrity_columns(tmp_path: Path, database_url: str) -> None:
+    """A store made before these columns existed starts with them added (null in its old rows)."""
+    from core import store as store_module
+
+    old = sa.MetaData()
+    for table in store_module.metadata.sorted_tables:
+        sa.Table(table.name, old, *[c.copy() for c in table.columns if c.name not in MY_COLUMNS.get(table.name, ())])
+    engine = store_module.make_engine(database_url)
+    old.create_all(engine)
+    with engine.begin() as c:
+        c.execute(
+            old.tables["policies"].insert().values(
+                id="pol_old", client="c", env_id="SafetyPointCircle1-v0", path="/nowhere", sha256="0" * 64,
+                meta={}, created_at=1.0, ready=True,
+            )
+        )  # fmt: skip
+        c.execute(
+            old.tables["checkpoints"]
+            .insert()
+            .values(id="ckpt_old", job_id="job_old", attempt=1, epoch=0, env_step=10, path="/nowhere", created_at=1.0)
+        )
+    engine.dispose()
+    migrated = Store(database_url, tmp_path)
+    assert sorted(migrated.migrated) == sorted(f"{t}.{c}" for t, cols in MY_COLUMNS.items() for c in cols)
+    assert migrated.get_policy("pol_old").meta_sha256 is None, "an old policy: checked on its weights only"
+    assert migrated.list_checkpoints("job_old")[0].files_deleted_at is None
