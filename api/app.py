@@ -15,11 +15,10 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
-from starlette.routing import Route, Router
 
 from api.act import PolicyCache
 from api.auth import TokenCache, bootstrap_admin_token
-from api.errors import guarded, install_handlers
+from api.errors import install_handlers
 from api.hosts import LoopbackOnlyMiddleware, is_loopback
 from api.middleware import LimitsMiddleware
 from core.datadir import prepare_data_dir
@@ -95,16 +94,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_handlers(app)
 
-    from api.routes import dashboard, envs, evaluations, health, jobs, metrics, policies
+    from api.routes import act, dashboard, envs, evaluations, health, jobs, metrics, policies
 
-    # /policies first: routing stops at the first match, and /act is the hot path.
-    app.include_router(policies.router)
-    for module in (health, envs, jobs, metrics):
+    # /act first: routing stops at the first match, and /act is the hot path (api/routes/act.py).
+    for module in (act, policies, health, envs, jobs, metrics, evaluations, dashboard):
         app.include_router(module.router)
-    app.include_router(jobs.promote_router)
-    app.include_router(evaluations.router)
-    app.include_router(dashboard.router)
-    act_app = Router(routes=[Route(policies.ACT_PATH, guarded(policies.act_route), methods=["POST"])])
+    act_app = act.fast_router()
 
     registry = CollectorRegistry()
     app.state.prometheus_registry = registry

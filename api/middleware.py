@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import authenticate_headers
 from api.errors import Problem, problem_response
+from api.routes.act import is_act_path
 
 HEALTH = ("/livez", "/readyz")
 # Past the in-flight cap: the same answer here and in api/shedding.py (which sheds /act before the app).
@@ -211,14 +212,6 @@ class LimitsMiddleware:
 
         response = problem_response(Request(scope), problem)
         await response(scope, _no_receive, send)
-
-
-def is_act_path(path: str) -> bool:
-    """Exactly ``/policies/{one segment}/act``. An id holding a slash (``%2F`` decodes to one) has no
-    route in the one-route act router, whose not-found exception nothing there turned into a
-    problem: it was a 500. Such paths go to the main app, which answers 404."""
-    parts = path.split("/")
-    return len(parts) == 4 and parts[1] == "policies" and parts[2] != "" and parts[3] == "act"
 
 
 def is_stream_path(path: str) -> bool:

@@ -52,9 +52,9 @@ from api.middleware import (
     OpenStreams,
     Pending,
     checks_headers_first,
-    is_act_path,
     request_id,
 )
+from api.routes.act import is_act_path
 from core.settings import Settings
 from core.store import hash_token
 

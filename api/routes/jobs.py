@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from api.auth import owner_filter, require
 from api.errors import Problem, json_safe, validation_problem
 from api.routes import json_response, store_of
-from api.schemas import JobSpec, PromoteRequest
+from api.schemas import JobSpec
 from core.settings import Settings
 from core.store import (
     STATUSES,
@@ -47,7 +47,6 @@ from cvpo.envs.catalogue import TASKS
 
 INT64_MAX = 2**63 - 1  # the job store's integer columns (SQLite INTEGER); a larger cursor is a 422, not a 500
 router = APIRouter(tags=["jobs"])
-promote_router = APIRouter(tags=["policies"])
 Reader = Annotated[Principal, Depends(require("jobs:read"))]
 Writer = Annotated[Principal, Depends(require("jobs:write"))]
 
@@ -755,73 +754,3 @@ async def job_events(
     body = stream()
     weakref.finalize(body, slot.release)  # a response dropped before it streamed still frees its slot
     return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-@promote_router.post(
-    "/policies",
-    status_code=201,
-    summary="Promote a job's checkpoint to an immutable policy, if it certifies",
-    description="The checkpoint is evaluated on held-out layouts (cvpo.certify; the job's certify.episodes, "
-    "default CVPO_CERTIFY_EPISODES; a certificate the worker computed at job end is reused). Not certified: 409 "
-    "with the certificate, unless the body has override.reason and the token the admin scope (else 403).",
-    responses={201: {}, 403: {}, 404: {}, 409: {}, 422: {}},
-)
-def promote(
-    request: Request, body: PromoteRequest, principal: Annotated[Principal, Depends(require("jobs:write"))]
-) -> Response:
-    from api.routes.policies import policy_resource
-    from api.shield import ShieldSpecError, validate_shield_spec
-    from core.certification import cached_certificate, certify, cost_signals_of, job_params, shortfall
-
-    job = _get_job(request, body.job_id, principal)
-    if body.override is not None and not principal.admin:
-        raise Problem(
-            403, "promoting an uncertified checkpoint needs the 'admin' scope", type="/problems/missing-scope"
-        )
-    store = store_of(request)
-    settings = request.app.state.settings
-
-    def check(spec: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            return validate_shield_spec(spec, meta, settings.shield_hooks)
-        except ShieldSpecError as exc:
-            raise validation_problem([{"loc": ["body", "shield"], "msg": str(exc), "input": spec}]) from exc
-
-    try:
-        _, artefact = store.resolve_artefact(job, body.checkpoint_id)
-        sha = json.loads((artefact / "policy.json").read_text())["weights_sha256"]
-        params = job_params(job.spec, settings)
-        cert = cached_certificate(job, sha, params, None)
-        if cert is None:
-            cert = certify(artefact, params, cost_signals=cost_signals_of(job.config))
-    except NotFoundError as exc:
-        raise Problem(404, str(exc)) from exc
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:  # unreadable artefact, unusable for the task
-        raise Problem(409, f"checkpoint {body.checkpoint_id!r} cannot be certified: {exc}") from exc
-    if not cert["certified"] and body.override is None:
-        raise Problem(
-            409,
-            f"checkpoint {body.checkpoint_id!r} of {job.id} is not certified: {shortfall(cert)} "
-            f"({cert['episodes']} held-out episodes, {cert['confidence']:.0%} upper bound). "
-            "An admin may promote it anyway with override.reason.",
-            type="/problems/not-certified",
-            title="Not certified",
-            extra={"certificate": cert},
-        )
-    override = {"reason": body.override.reason, "actor": principal.client} if body.override else None
-    try:
-        policy = store.promote(
-            job=job,
-            source=body.checkpoint_id,
-            client=principal.client,
-            shield=body.shield,
-            validate_shield=check,
-            certificate=cert,
-            override=override,
-        )
-    except NotFoundError as exc:
-        raise Problem(404, str(exc)) from exc
-    except ConflictError as exc:
-        raise Problem(409, str(exc)) from exc
-    view = policy_resource(policy, settings, request.app.state.policy_cache)
-    return json_response(view, 201, {"Location": f"/policies/{policy.id}"})

@@ -13,7 +13,6 @@ renders its answer with ``policy_resource`` from here.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
@@ -26,31 +25,24 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from api.act import (
-    CorruptPolicyError,
     LoadedPolicy,
     PolicyCache,
     PolicyNotReadyError,
-    act,
     check_meta_sha256,
-    parse_act_request,
 )
-from api.auth import authenticate, owner_filter, require
+from api.auth import owner_filter, require
 from api.errors import Problem, json_safe, validation_problem
 from api.routes import json_response, store_of
+from api.schemas import PromoteRequest
 from api.shield import ShieldSpecError
-from core.store import PolicyRecord, Principal
+from core.store import ConflictError, NotFoundError, PolicyRecord, Principal
 from cvpo.artefact import META_FILE, WEIGHTS_FILE, ArtefactError
 
 router = APIRouter(tags=["policies"])
 Reader = Annotated[Principal, Depends(require("policies:read"))]
 
-# Above these a request's parse or forward pass (~1 ms of CPU) would stall every other connection
-# on the event loop, so it runs in the threadpool (§2.5): ~100 rows of 60 floats, ~200 rows of a 2×256 MLP.
-INLINE_BODY_BYTES = 128 * 1024
-INLINE_MACS = 16_000_000
 NOT_READY_TYPE = "/problems/policy-not-ready"
 
 
@@ -82,67 +74,6 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         },
     },
 }
-
-
-def act_body_schema(max_batch: int = 1024) -> dict[str, Any]:
-    """JSON Schema of the ``/act`` body, for the docs and schemathesis only: the route parses with
-    orjson + numpy, which also enforce what a schema cannot (row width = the policy's obs_dim)."""
-    number = {"type": "number"}
-    return {
-        "title": "ActBody",
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["observations"],
-        "properties": {
-            "observations": {
-                "description": "1 to max_batch raw observation rows of the policy's obs_dim, or one flat row. "
-                "Numbers only: NaN/Infinity literals, 1e309, strings and booleans are a 422 naming the culprit.",
-                "oneOf": [
-                    {
-                        "type": "array",
-                        "minItems": 1,
-                        "maxItems": max_batch,
-                        "items": {"type": "array", "items": number},
-                    },
-                    {"type": "array", "minItems": 1, "items": number},
-                ],
-            },
-            "deterministic": {"type": "boolean", "default": True, "description": "true: the mean; false: a sample"},
-            "seed": {
-                "anyOf": [{"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, {"type": "null"}],
-                "description": "Makes a stochastic answer repeatable",
-            },
-            "request_id": {"anyOf": [{"type": "string", "maxLength": 128}, {"type": "null"}], "description": "Echoed"},
-            "return": {
-                "type": "array",
-                "maxItems": 8,
-                "items": {"type": "string", "enum": ["cost_to_go"]},
-                "description": "Extra outputs. cost_to_go: the cost critics' Q_c(s, a) per constraint of the "
-                "policy's action (422 when the policy has no cost critic; see has_cost_critic)",
-            },
-        },
-        "example": {"observations": [[0.12, -0.4, 0.5]], "deterministic": True, "seed": None, "request_id": "c-913"},
-    }
-
-
-class ShieldReport(BaseModel):
-    applied: list[bool]
-    reasons: list[str | None]
-
-
-class ActAnswer(BaseModel):
-    policy_id: str
-    artefact_sha256: str
-    request_id: str | None
-    deterministic: bool
-    actions: list[list[float]] = Field(..., description="actions[i] answers observations[i], inside [low, high]")
-    clipped: list[bool] = Field(..., description="Whether the policy's output was clipped to the Box")
-    shield: ShieldReport | None = Field(None, description="Present only for shielded policies")
-    cost_to_go: list[list[float]] | None = Field(
-        None,
-        description='Only with "return": ["cost_to_go"]: per row, the predicted discounted cost-to-go Q_c(s, a) '
-        "per constraint of the action the policy produced (before any shield)",
-    )
 
 
 class Space(BaseModel):
@@ -346,108 +277,6 @@ def get_policy(request: Request, policy_id: str, principal: Reader) -> Response:
     )
 
 
-async def _load(request: Request, policy_id: str, principal: Principal) -> LoadedPolicy:
-    """First request for a policy in this process: look it up, check ownership, load it off the loop."""
-    state = request.app.state
-    cache: PolicyCache = state.policy_cache
-    policy = await asyncio.to_thread(state.store.get_policy, policy_id)
-    if policy is None or not _visible(policy, principal):
-        raise _not_found(policy_id)
-    reason = cache.not_ready_reason(policy_id) or (None if policy.ready else "it failed a check earlier")
-    if reason is not None:
-        raise _not_ready(policy_id, reason)
-    if cache.is_loading(policy_id):
-        raise Problem(503, f"policy {policy_id} is loading", headers={"Retry-After": "1"})
-    try:
-        return await asyncio.to_thread(
-            cache.get,
-            policy_id,
-            policy.path,
-            policy.shield,
-            sha256=policy.sha256,
-            client=policy.client,
-            certified=bool(policy.certified),
-            meta_sha256=policy.meta_sha256,
-        )
-    except PolicyNotReadyError as exc:
-        await asyncio.to_thread(state.store.set_policy_ready, policy_id, False)
-        raise _not_ready(policy_id, str(exc)) from exc
-    except ShieldSpecError as exc:  # the policy names a hook this server's CVPO_SHIELD_HOOKS lacks
-        raise Problem(503, f"policy {policy_id} cannot be served here: {exc}", type=NOT_READY_TYPE) from exc
-
-
-async def act_route(request: Request) -> Response:
-    policy_id: str = request.path_params["policy_id"]
-    state = request.app.state
-    # Inline, not Depends(require(...)): a sync dependency would cost a threadpool hop per request.
-    principal = authenticate(request)
-    if not principal.allows("policies:act"):
-        raise Problem(403, "this token lacks the 'policies:act' scope", type="/problems/missing-scope")
-    entry = state.policy_cache.lookup(policy_id)
-    if entry is None:
-        entry = await _load(request, policy_id, principal)
-    elif not _visible(entry, principal):
-        raise _not_found(policy_id)
-    body = await request.body()
-    runtime, max_batch = entry.runtime, state.settings.max_batch
-    try:
-        if len(body) <= INLINE_BODY_BYTES:
-            req = parse_act_request(body, runtime.obs_dim, max_batch)
-            macs = entry.macs_per_row + (entry.critic_macs_per_row if req.cost_to_go else 0)
-            if req.observations.shape[0] * macs <= INLINE_MACS:
-                out = act(runtime, req, entry.shield, policy_id)
-            else:
-                out = await run_in_threadpool(act, runtime, req, entry.shield, policy_id)
-        else:
-            req = await run_in_threadpool(parse_act_request, body, runtime.obs_dim, max_batch)
-            out = await run_in_threadpool(act, runtime, req, entry.shield, policy_id)
-    except CorruptPolicyError as exc:
-        state.policy_cache.mark_not_ready(policy_id, str(exc))
-        await asyncio.to_thread(state.store.set_policy_ready, policy_id, False)
-        raise Problem(
-            500, "the policy produced a non-finite action; it is now marked not ready", type="/problems/corrupt-policy"
-        ) from exc
-    response = Response(out, media_type="application/json")
-    response.raw_headers.append(entry.certified_header)  # X-Policy-Certified, prebuilt per policy
-    return response
-
-
-ACT_PATH = "/policies/{policy_id}/act"
-# Two registrations of the same endpoint. The plain Starlette route comes first and serves every
-# request: it skips FastAPI's per-request dependency and parameter machinery (~40 µs of a ~250 µs
-# request, §2.5). The APIRoute after it is never reached but documents the operation in OpenAPI;
-# were the order ever lost, it would serve identically, since the handler reads only the Request.
-router.add_route(ACT_PATH, act_route, methods=["POST"], include_in_schema=False)
-router.add_api_route(
-    ACT_PATH,
-    act_route,
-    methods=["POST"],
-    summary="Actions for a batch of raw observations",
-    description="Normalise with the artefact's frozen statistics, forward (mean or seeded sample), clip to "
-    "[-1, 1], map to the action Box, apply the policy's shield. Always numbers inside the Box, never null.",
-    response_model=ActAnswer,
-    response_model_exclude_none=True,
-    responses={
-        200: {
-            "description": "Actions",
-            "headers": {
-                "X-Policy-Certified": {
-                    "description": "true when the policy's certificate certified it; false for an admin's "
-                    "override or a policy without a certificate",
-                    "schema": {"type": "string", "enum": ["true", "false"]},
-                }
-            },
-        },
-        **_problems(400, 401, 403, 404, 413, 415, 422, 429, 500, 503),
-    },
-    openapi_extra={
-        # Declared here rather than as a handler argument, which FastAPI would validate per request.
-        "parameters": [{"name": "policy_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": act_body_schema()}}},
-    },
-)
-
-
 # -------------------------------------------------------------------------------------- export
 
 
@@ -537,3 +366,76 @@ def export_policy(
         media_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{policy.id}.onnx"'},
     )
+
+
+# -------------------------------------------------------------------------------------- promotion
+
+
+@router.post(
+    "/policies",
+    status_code=201,
+    summary="Promote a job's checkpoint to an immutable policy, if it certifies",
+    description="The checkpoint is evaluated on held-out layouts (cvpo.certify; the job's certify.episodes, "
+    "default CVPO_CERTIFY_EPISODES; a certificate the worker computed at job end is reused). Not certified: 409 "
+    "with the certificate, unless the body has override.reason and the token the admin scope (else 403).",
+    responses={201: {}, 403: {}, 404: {}, 409: {}, 422: {}},
+)
+def promote(
+    request: Request, body: PromoteRequest, principal: Annotated[Principal, Depends(require("jobs:write"))]
+) -> Response:
+    from api.routes.jobs import _get_job
+    from api.shield import validate_shield_spec
+    from core.certification import cached_certificate, certify, cost_signals_of, job_params, shortfall
+
+    job = _get_job(request, body.job_id, principal)
+    if body.override is not None and not principal.admin:
+        raise Problem(
+            403, "promoting an uncertified checkpoint needs the 'admin' scope", type="/problems/missing-scope"
+        )
+    store = store_of(request)
+    settings = request.app.state.settings
+
+    def check(spec: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return validate_shield_spec(spec, meta, settings.shield_hooks)
+        except ShieldSpecError as exc:
+            raise validation_problem([{"loc": ["body", "shield"], "msg": str(exc), "input": spec}]) from exc
+
+    try:
+        _, artefact = store.resolve_artefact(job, body.checkpoint_id)
+        sha = json.loads((artefact / "policy.json").read_text())["weights_sha256"]
+        params = job_params(job.spec, settings)
+        cert = cached_certificate(job, sha, params, None)
+        if cert is None:
+            cert = certify(artefact, params, cost_signals=cost_signals_of(job.config))
+    except NotFoundError as exc:
+        raise Problem(404, str(exc)) from exc
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:  # unreadable artefact, unusable for the task
+        raise Problem(409, f"checkpoint {body.checkpoint_id!r} cannot be certified: {exc}") from exc
+    if not cert["certified"] and body.override is None:
+        raise Problem(
+            409,
+            f"checkpoint {body.checkpoint_id!r} of {job.id} is not certified: {shortfall(cert)} "
+            f"({cert['episodes']} held-out episodes, {cert['confidence']:.0%} upper bound). "
+            "An admin may promote it anyway with override.reason.",
+            type="/problems/not-certified",
+            title="Not certified",
+            extra={"certificate": cert},
+        )
+    override = {"reason": body.override.reason, "actor": principal.client} if body.override else None
+    try:
+        policy = store.promote(
+            job=job,
+            source=body.checkpoint_id,
+            client=principal.client,
+            shield=body.shield,
+            validate_shield=check,
+            certificate=cert,
+            override=override,
+        )
+    except NotFoundError as exc:
+        raise Problem(404, str(exc)) from exc
+    except ConflictError as exc:
+        raise Problem(409, str(exc)) from exc
+    view = policy_resource(policy, settings, request.app.state.policy_cache)
+    return json_response(view, 201, {"Location": f"/policies/{policy.id}"})

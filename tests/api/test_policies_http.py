@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 import api.act as act_module
-import api.routes.policies as policies_module
+import api.routes.act as act_route_module
 from cvpo.artefact import load_policy
 from tests.api.conftest import HIGH, LOW, OBS_DIM, Served
 
@@ -138,9 +138,9 @@ def test_heavy_requests_run_in_the_threadpool_with_the_same_answer(
 ) -> None:
     body = {"observations": ROWS.tolist()}
     inline = act(served, "plain", body).json()
-    monkeypatch.setattr(policies_module, "INLINE_MACS", 0)
+    monkeypatch.setattr(act_route_module, "INLINE_MACS", 0)
     assert act(served, "plain", body).json() == inline
-    monkeypatch.setattr(policies_module, "INLINE_BODY_BYTES", 0)
+    monkeypatch.setattr(act_route_module, "INLINE_BODY_BYTES", 0)
     assert act(served, "plain", body).json() == inline
     assert_problem(act(served, "plain", {"observations": [[1.0]]}), 422, ["body", "observations", 0])
 

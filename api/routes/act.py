@@ -1,0 +1,209 @@
+"""``POST /policies/{id}/act``, the controllers' hot path, in one place: its path, the matcher the
+middleware and the shedding protocol use, the handler, its request schema, and how it is mounted.
+
+It is mounted twice: ``fast_router()`` is the one-route Starlette router ``LimitsMiddleware`` calls
+directly for every /act request (no FastAPI dependency or parameter machinery, ~40 µs of a ~250 µs
+request, service-design.md §2.5); ``router`` registers the same handler with the app so that it is
+documented in OpenAPI and would serve identically were the fast path ever bypassed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route, Router
+
+from api.act import CorruptPolicyError, LoadedPolicy, PolicyCache, PolicyNotReadyError, act, parse_act_request
+from api.auth import authenticate
+from api.errors import Problem, guarded
+from api.routes.policies import NOT_READY_TYPE, _not_found, _not_ready, _problems, _visible
+from api.shield import ShieldSpecError
+from core.store import Principal
+
+ACT_PATH = "/policies/{policy_id}/act"
+router = APIRouter(tags=["policies"])
+
+# Above these a request's parse or forward pass (~1 ms of CPU) would stall every other connection
+# on the event loop, so it runs in the threadpool (§2.5): ~100 rows of 60 floats, ~200 rows of a 2×256 MLP.
+INLINE_BODY_BYTES = 128 * 1024
+INLINE_MACS = 16_000_000
+
+
+def is_act_path(path: str) -> bool:
+    """Exactly ``/policies/{one segment}/act``. An id holding a slash (``%2F`` decodes to one) has no
+    route in the one-route act router, whose not-found exception nothing there turned into a
+    problem: it was a 500. Such paths go to the main app, which answers 404."""
+    parts = path.split("/")
+    return len(parts) == 4 and parts[1] == "policies" and parts[2] != "" and parts[3] == "act"
+
+
+def act_body_schema(max_batch: int = 1024) -> dict[str, Any]:
+    """JSON Schema of the ``/act`` body, for the docs and schemathesis only: the route parses with
+    orjson + numpy, which also enforce what a schema cannot (row width = the policy's obs_dim)."""
+    number = {"type": "number"}
+    return {
+        "title": "ActBody",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["observations"],
+        "properties": {
+            "observations": {
+                "description": "1 to max_batch raw observation rows of the policy's obs_dim, or one flat row. "
+                "Numbers only: NaN/Infinity literals, 1e309, strings and booleans are a 422 naming the culprit.",
+                "oneOf": [
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": max_batch,
+                        "items": {"type": "array", "items": number},
+                    },
+                    {"type": "array", "minItems": 1, "items": number},
+                ],
+            },
+            "deterministic": {"type": "boolean", "default": True, "description": "true: the mean; false: a sample"},
+            "seed": {
+                "anyOf": [{"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, {"type": "null"}],
+                "description": "Makes a stochastic answer repeatable",
+            },
+            "request_id": {"anyOf": [{"type": "string", "maxLength": 128}, {"type": "null"}], "description": "Echoed"},
+            "return": {
+                "type": "array",
+                "maxItems": 8,
+                "items": {"type": "string", "enum": ["cost_to_go"]},
+                "description": "Extra outputs. cost_to_go: the cost critics' Q_c(s, a) per constraint of the "
+                "policy's action (422 when the policy has no cost critic; see has_cost_critic)",
+            },
+        },
+        "example": {"observations": [[0.12, -0.4, 0.5]], "deterministic": True, "seed": None, "request_id": "c-913"},
+    }
+
+
+class ShieldReport(BaseModel):
+    applied: list[bool]
+    reasons: list[str | None]
+
+
+class ActAnswer(BaseModel):
+    policy_id: str
+    artefact_sha256: str
+    request_id: str | None
+    deterministic: bool
+    actions: list[list[float]] = Field(..., description="actions[i] answers observations[i], inside [low, high]")
+    clipped: list[bool] = Field(..., description="Whether the policy's output was clipped to the Box")
+    shield: ShieldReport | None = Field(None, description="Present only for shielded policies")
+    cost_to_go: list[list[float]] | None = Field(
+        None,
+        description='Only with "return": ["cost_to_go"]: per row, the predicted discounted cost-to-go Q_c(s, a) '
+        "per constraint of the action the policy produced (before any shield)",
+    )
+
+
+async def _load(request: Request, policy_id: str, principal: Principal) -> LoadedPolicy:
+    """First request for a policy in this process: look it up, check ownership, load it off the loop."""
+    state = request.app.state
+    cache: PolicyCache = state.policy_cache
+    policy = await asyncio.to_thread(state.store.get_policy, policy_id)
+    if policy is None or not _visible(policy, principal):
+        raise _not_found(policy_id)
+    reason = cache.not_ready_reason(policy_id) or (None if policy.ready else "it failed a check earlier")
+    if reason is not None:
+        raise _not_ready(policy_id, reason)
+    if cache.is_loading(policy_id):
+        raise Problem(503, f"policy {policy_id} is loading", headers={"Retry-After": "1"})
+    try:
+        return await asyncio.to_thread(
+            cache.get,
+            policy_id,
+            policy.path,
+            policy.shield,
+            sha256=policy.sha256,
+            client=policy.client,
+            certified=bool(policy.certified),
+            meta_sha256=policy.meta_sha256,
+        )
+    except PolicyNotReadyError as exc:
+        await asyncio.to_thread(state.store.set_policy_ready, policy_id, False)
+        raise _not_ready(policy_id, str(exc)) from exc
+    except ShieldSpecError as exc:  # the policy names a hook this server's CVPO_SHIELD_HOOKS lacks
+        raise Problem(503, f"policy {policy_id} cannot be served here: {exc}", type=NOT_READY_TYPE) from exc
+
+
+async def act_route(request: Request) -> Response:
+    policy_id: str = request.path_params["policy_id"]
+    state = request.app.state
+    # Inline, not Depends(require(...)): a sync dependency would cost a threadpool hop per request.
+    principal = authenticate(request)
+    if not principal.allows("policies:act"):
+        raise Problem(403, "this token lacks the 'policies:act' scope", type="/problems/missing-scope")
+    entry = state.policy_cache.lookup(policy_id)
+    if entry is None:
+        entry = await _load(request, policy_id, principal)
+    elif not _visible(entry, principal):
+        raise _not_found(policy_id)
+    body = await request.body()
+    runtime, max_batch = entry.runtime, state.settings.max_batch
+    try:
+        if len(body) <= INLINE_BODY_BYTES:
+            req = parse_act_request(body, runtime.obs_dim, max_batch)
+            macs = entry.macs_per_row + (entry.critic_macs_per_row if req.cost_to_go else 0)
+            if req.observations.shape[0] * macs <= INLINE_MACS:
+                out = act(runtime, req, entry.shield, policy_id)
+            else:
+                out = await run_in_threadpool(act, runtime, req, entry.shield, policy_id)
+        else:
+            req = await run_in_threadpool(parse_act_request, body, runtime.obs_dim, max_batch)
+            out = await run_in_threadpool(act, runtime, req, entry.shield, policy_id)
+    except CorruptPolicyError as exc:
+        state.policy_cache.mark_not_ready(policy_id, str(exc))
+        await asyncio.to_thread(state.store.set_policy_ready, policy_id, False)
+        raise Problem(
+            500, "the policy produced a non-finite action; it is now marked not ready", type="/problems/corrupt-policy"
+        ) from exc
+    response = Response(out, media_type="application/json")
+    response.raw_headers.append(entry.certified_header)  # X-Policy-Certified, prebuilt per policy
+    return response
+
+
+# Two registrations of the same endpoint. The plain Starlette route comes first and serves every
+# request: it skips FastAPI's per-request dependency and parameter machinery (~40 µs of a ~250 µs
+# request, §2.5). The APIRoute after it is never reached but documents the operation in OpenAPI;
+# were the order ever lost, it would serve identically, since the handler reads only the Request.
+router.add_route(ACT_PATH, act_route, methods=["POST"], include_in_schema=False)
+router.add_api_route(
+    ACT_PATH,
+    act_route,
+    methods=["POST"],
+    summary="Actions for a batch of raw observations",
+    description="Normalise with the artefact's frozen statistics, forward (mean or seeded sample), clip to "
+    "[-1, 1], map to the action Box, apply the policy's shield. Always numbers inside the Box, never null.",
+    response_model=ActAnswer,
+    response_model_exclude_none=True,
+    responses={
+        200: {
+            "description": "Actions",
+            "headers": {
+                "X-Policy-Certified": {
+                    "description": "true when the policy's certificate certified it; false for an admin's "
+                    "override or a policy without a certificate",
+                    "schema": {"type": "string", "enum": ["true", "false"]},
+                }
+            },
+        },
+        **_problems(400, 401, 403, 404, 413, 415, 422, 429, 500, 503),
+    },
+    openapi_extra={
+        # Declared here rather than as a handler argument, which FastAPI would validate per request.
+        "parameters": [{"name": "policy_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": act_body_schema()}}},
+    },
+)
+
+
+def fast_router() -> Router:
+    """The one-route router LimitsMiddleware hands /act requests to (errors become problems via guarded)."""
+    return Router(routes=[Route(ACT_PATH, guarded(act_route), methods=["POST"])])
