@@ -188,20 +188,15 @@ def candidates(store: Store, job: JobRecord, top_k: int) -> list[dict[str, Any]]
         seen[sha] = entry
         out.append(entry)
 
-    best = Path(job.run_dir) / "best_policy"
-    if (best / "policy.json").is_file():
-        try:
-            summary = json.loads((best / "policy.json").read_text()).get("summary") or {}
-        except (OSError, json.JSONDecodeError):
-            summary = {}
-        add("best", "best-feasible", best, None, summary)
-    served = Path(job.run_dir) / "policy"  # the run's own choice: its validated epoch under loop.select
-    if (served / "policy.json").is_file():
-        try:
-            summary = json.loads((served / "policy.json").read_text()).get("summary") or {}
-        except (OSError, json.JSONDecodeError):
-            summary = {}
-        add("served", "served", served, None, summary)
+    # The trainer's best-feasible artefact, then the run's own choice (its validated epoch under loop.select).
+    for source, role, name in (("best", "best-feasible", "best_policy"), ("served", "served", "policy")):
+        artefact = Path(job.run_dir) / name
+        if (artefact / "policy.json").is_file():
+            try:
+                summary = json.loads((artefact / "policy.json").read_text()).get("summary") or {}
+            except (OSError, json.JSONDecodeError):
+                summary = {}
+            add(source, role, artefact, None, summary)
     ckpts = [ck for ck in store.list_checkpoints(job.id) if ck.artefact_path]
     ckpts = [ck for ck in ckpts if (Path(ck.artefact_path or "") / "policy.json").is_file()]
     if ckpts:
