@@ -94,10 +94,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_handlers(app)
 
-    from api.routes import act, dashboard, envs, evaluations, health, jobs, metrics, policies
+    from api.routes import act, dashboard, envs, evaluations, events, health, jobs, metrics, policies
 
     # /act first: routing stops at the first match, and /act is the hot path (api/routes/act.py).
-    for module in (act, policies, health, envs, jobs, metrics, evaluations, dashboard):
+    for module in (act, policies, health, envs, jobs, events, metrics, evaluations, dashboard):
         app.include_router(module.router)
     act_app = act.fast_router()
 

@@ -221,7 +221,7 @@ def test_one_poller_per_job_fans_out_to_all_its_streams(service: Service, client
 def test_a_burst_larger_than_the_poller_buffer_reaches_every_stream_in_order(
     service: Service, client: httpx.Client
 ) -> None:
-    from api.routes.jobs import SSE_BUFFER
+    from api.routes.events import SSE_BUFFER
 
     burst = SSE_BUFFER + 500
     with live_api(service, stream_max_s=300) as (base, _app):
