@@ -1,5 +1,8 @@
 """The ``POST /policies/{id}/act`` hot path as plain functions (service-design.md §2.1, §2.2).
 
+Over 400 lines on purpose: parsing, the forward pass, the answer and the per-process policy cache are
+one latency-critical path, and keeping them in one module keeps every hop on it visible.
+
 The route stays thin: ``parse_act_request`` turns raw bytes into a float64 batch or raises a
 ``Problem``; ``act`` runs the artefact's numpy runtime, clips to the Box, applies the shield and
 returns orjson bytes. No pydantic on this path (≈0.15 ms per 60 floats, §2.5): orjson plus a few

@@ -1,4 +1,5 @@
-"""Safety shields for served policies (service-design.md §2.4).
+"""Safety shields for served policies (service-design.md §2.4). Over 400 lines: the three shield kinds,
+their spec validation and their metrics are one concept.
 
 CVPO bounds expected cost during training only; nothing holds per step at serve time. A policy may
 therefore carry a shield, fixed when it is promoted (a shielded policy is its own version):

@@ -1,6 +1,7 @@
 """Jobs: create (idempotent, outbox), read, list, cancel, delete, metrics, logs, checkpoints. The event
 stream (SSE) is api/routes/events.py; promotion (``POST /policies``) is the policies router's. Routes only
-map HTTP to ``core.store``."""
+map HTTP to ``core.store``. Over 400 lines: the job resource's views and its submission checks
+(spec → engine config, device and disk-quota refusals) belong with its routes."""
 
 from __future__ import annotations
 

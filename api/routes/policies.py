@@ -1,14 +1,9 @@
-"""Policies: list, metadata, ``/act`` and export (service-design.md §1.1, §2).
+"""Policies: list, metadata, export, and ``POST /policies`` (promotion) (service-design.md §1.1, §2).
 
-``POST /policies/{id}/act`` is the hot path and is built differently from every other route
-(§2.5): ``async def`` with the forward pass inline (a ``def`` route or a sync dependency hops to
-the threadpool: half the throughput, triple the p99), the raw body parsed by orjson + numpy in
-``api.act`` (pydantic models here only document the schema), the token checked inline against the
-in-memory token cache, and the policy taken from the in-process ``PolicyCache`` without a store
-query once loaded. Requests estimated above ~1 ms of CPU go to the threadpool instead.
-
-``POST /policies`` (promotion) lives with the jobs routes because it reads job checkpoints; it
-renders its answer with ``policy_resource`` from here.
+``POST /policies/{id}/act``, the hot path, is built differently from every other route (§2.5) and
+lives in ``api/routes/act.py``; the 404/503 helpers it shares with these routes are here.
+Over 400 lines because one resource's routes, response models and export checks belong together;
+the act path and promotion's certification (``core/certification.py``) are already elsewhere.
 """
 
 from __future__ import annotations
