@@ -8,13 +8,9 @@ Assertions are about behaviour (answered, refused, closed), never about latency.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import select
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,8 +20,8 @@ from typing import Any
 import pytest
 
 from service.launcher import free_port
-from tests.conftest import ROOT, TOKEN, RedisServer, WorkerProcess, env_for, service_settings, wait_until
-from tests.e2e.test_hardening import OBS_DIM, Live, act_body, read_response, request_bytes
+from tests.conftest import TOKEN, wait_until
+from tests.e2e.test_hardening import OBS_DIM, Live, act_body, live_service, read_response, request_bytes
 
 HEADER_TIMEOUT_S = 5.0
 BODY_TIMEOUT_S = 3.0
@@ -37,50 +33,16 @@ ATTACKER = "127.0.0.2"  # another client address on the loopback interface
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """Redis and ``cvpo api`` (no worker: nothing here trains) with a synthetic policy and an act-only token."""
-    from bench.synthetic import write_random_artefact
-    from core.store import Store
-
-    tmp = tmp_path_factory.mktemp("guarded")
-    redis = RedisServer(tmp / "redis-data")
-    redis.start()
-    settings = service_settings(tmp, redis.url)
-    env = env_for(settings) | {
-        "CVPO_PORT": str(port := free_port()),
+    env = {
         "CVPO_MAX_INFLIGHT": "2",
         "CVPO_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
         "CVPO_MAX_CONNECTIONS_PER_PEER": str(PER_PEER),
         "CVPO_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
         "CVPO_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-        "CVPO_RECONCILE_EVERY_S": "0",
     }
-    settings.data_dir.mkdir(parents=True)
-    store = Store(settings.resolved_database_url, settings.data_dir)
-    artefact = write_random_artefact(settings.data_dir / "policies" / "synthetic", obs_dim=OBS_DIM)
-    policy_id = store.create_policy_from_artefact(artefact, "admin", job_id="job_synthetic").id
-    _, controller = store.create_token("arm", ["policies:act"], client="admin")
-    store.engine.dispose()
-    log_path = tmp / "api.log"
-    api: WorkerProcess | None = None
-    try:
-        with open(log_path, "w") as log:
-            cmd = [sys.executable, "-m", "service.cli", "api", "--log-level", "info"]
-            proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        api = WorkerProcess(proc, log_path)
-        live = Live(port, settings.data_dir, tmp / "redis-data", {"api": log_path}, policy_id, controller, proc)
-
-        def up() -> bool:
-            with contextlib.suppress(OSError):
-                return live.raw(request_bytes("GET", "/livez", None), timeout=1)[0] == 200
-            return False
-
-        wait_until(up, 60, "the API to listen")
+    with live_service(tmp_path_factory.mktemp("guarded"), env, worker=False, log_level="info") as live:
         assert live.raw(act_request(live))[0] == 200  # loads the policy
         yield live
-    finally:
-        if api is not None:
-            api.stop(timeout_s=30)
-            print(f"----- api log (tail) -----\n{api.log()[-3000:]}")
-        redis.stop(signal.SIGKILL)
 
 
 def act_request(live: Live) -> bytes:

@@ -266,34 +266,30 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 MAX_CONNECTIONS = 90
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+@contextlib.contextmanager
+def live_service(tmp: Path, env_extra: dict[str, str], *, worker: bool, log_level: str = "debug") -> Iterator[Live]:
+    """Redis, ``cvpo api`` (and a worker) on free loopback ports, with a synthetic policy and an act-only
+    token; every process stopped (SIGTERM, then SIGKILL) and the API log's tail printed on the way out."""
     from bench.synthetic import write_random_artefact
     from core.store import Store
 
-    tmp = tmp_path_factory.mktemp("live")
     redis = RedisServer(tmp / "redis-data")
     redis.start()
     settings = service_settings(tmp, redis.url)
-    env = env_for(settings) | {
-        "CVPO_PORT": str(port := free_port()),
-        "CVPO_MAX_INFLIGHT": "2",
-        "CVPO_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-        "CVPO_ACT_BODY_LIMIT": str(64 * 1024),
-        "CVPO_RECONCILE_EVERY_S": "0",
-    }
+    env = env_for(settings) | {"CVPO_PORT": str(port := free_port()), "CVPO_RECONCILE_EVERY_S": "0"} | env_extra
     settings.data_dir.mkdir(parents=True)
     store = Store(settings.resolved_database_url, settings.data_dir)
     artefact = write_random_artefact(settings.data_dir / "policies" / "synthetic", obs_dim=OBS_DIM)
     policy_id = store.create_policy_from_artefact(artefact, "admin", job_id="job_synthetic").id
     _, controller = store.create_token("arm", ["policies:act"], client="admin")
     store.engine.dispose()
-    logs = {"api": tmp / "api.log", "worker": tmp / "worker.log"}
+    names = (["worker"] if worker else []) + ["api"]
+    logs = {name: tmp / f"{name}.log" for name in names}
     procs: list[WorkerProcess] = []  # SIGTERM then SIGKILL on teardown, the worker's pool children too
     try:
-        for name, argv in (("worker", ["worker", "--log-level", "debug"]), ("api", ["api", "--log-level", "debug"])):
+        for name in names:
             with open(logs[name], "w") as log:
-                cmd = [sys.executable, "-m", "service.cli", *argv]
+                cmd = [sys.executable, "-m", "service.cli", name, "--log-level", log_level]
                 proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
                 procs.append(WorkerProcess(proc, logs[name]))
         live = Live(port, settings.data_dir, tmp / "redis-data", logs, policy_id, controller, procs[-1].proc)
@@ -308,7 +304,18 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     finally:
         for proc in reversed(procs):
             proc.stop(timeout_s=30)
+        if procs:
+            print(f"----- api log (tail) -----\n{procs[-1].log()[-3000:]}")
         redis.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    limits = {"CVPO_MAX_INFLIGHT": "2", "CVPO_MAX_CONNECTIONS": str(MAX_CONNECTIONS)}
+    with live_service(
+        tmp_path_factory.mktemp("live"), limits | {"CVPO_ACT_BODY_LIMIT": str(64 * 1024)}, worker=True
+    ) as service:
+        yield service
 
 
 def act_body(rows: int = 1) -> bytes:
