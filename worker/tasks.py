@@ -22,6 +22,29 @@ log = logging.getLogger("cvpo.worker")
 
 _store: Store | None = None
 
+# The registry thread below talks to the store from the Celery main process, which forks a pool child
+# for every job (worker_max_tasks_per_child=1). A fork while that thread is inside SQLite (or the
+# driver) leaves the child a copy of a held mutex: its first store call then hangs, and the job it
+# was sent never runs (seen as intermittent reliability-test timeouts). Forks therefore wait until
+# the thread is out of the store: it holds this lock for every store call, and at-fork hooks take it.
+_store_calls = threading.RLock()
+
+
+def _fork_prepare() -> None:
+    _store_calls.acquire()
+
+
+def _fork_parent() -> None:
+    _store_calls.release()
+
+
+def _fork_child() -> None:
+    global _store_calls
+    _store_calls = threading.RLock()  # the child has no registry thread; a fresh, free lock
+
+
+os.register_at_fork(before=_fork_prepare, after_in_parent=_fork_parent, after_in_child=_fork_child)
+
 
 def settings() -> Settings:
     return app.conf.cvpo_settings
@@ -88,19 +111,22 @@ class WorkerRegistry(threading.Thread):
         caps = probe_capabilities()
         registered = False
         while True:
+            first = not registered
             try:
-                if self.store is None:
-                    self.store = Store(self.settings.resolved_database_url, self.settings.data_dir)
-                if not registered or not self.store.worker_seen(self.id):
-                    self.store.register_worker(self.id, self.settings.queue, caps)
-                    if not registered:
-                        log.info("worker %s registered on queue %s: %s", self.id, self.settings.queue, caps)
-                    registered = True
+                with _store_calls:  # no fork while this thread is inside the store (see _store_calls)
+                    try:
+                        if self.store is None:
+                            self.store = Store(self.settings.resolved_database_url, self.settings.data_dir)
+                        if not registered or not self.store.worker_seen(self.id):
+                            self.store.register_worker(self.id, self.settings.queue, caps)
+                            registered = True
+                    finally:
+                        if self.store is not None:
+                            self.store.engine.dispose()
+                if first and registered:
+                    log.info("worker %s registered on queue %s: %s", self.id, self.settings.queue, caps)
             except Exception:  # the store is down: the next beat retries
                 log.exception("worker %s could not renew its registration", self.id)
-            finally:
-                if self.store is not None:
-                    self.store.engine.dispose()
             if self.halt.wait(self.settings.heartbeat_s):
                 return
 
@@ -108,8 +134,9 @@ class WorkerRegistry(threading.Thread):
         self.halt.set()
         self.join(timeout=5)
         if self.store is not None:
-            self.store.worker_stopped(self.id)
-            self.store.engine.dispose()
+            with _store_calls:
+                self.store.worker_stopped(self.id)
+                self.store.engine.dispose()
 
 
 _registry: WorkerRegistry | None = None
