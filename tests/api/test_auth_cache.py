@@ -134,9 +134,27 @@ def test_readyz_is_cached_and_probes_share_one_redis_connection(service: Service
         t0 = time.monotonic()
         for _ in range(30):
             r = client.get("/readyz")
-            assert r.status_code == 200 and r.json() == {"status": "ready", "store": True, "broker": True}
+            body = r.json()
+            assert r.status_code == 200 and (body["status"], body["store"], body["broker"]) == ("ready", True, True)
         elapsed = time.monotonic() - t0
         opened = probe.info("stats")["total_connections_received"] - before  # ``probe`` reuses its own
         assert len(pings) <= elapsed / 1.0 + 2, (len(pings), elapsed)
         assert opened <= 1, opened
     probe.close()
+
+
+def test_readyz_says_when_no_worker_has_been_seen(service: Service) -> None:
+    """Issue #23 item 12: /readyz reports the queue's workers; with none it stays ready (it serves /act)
+    and says none was ever seen; a registered worker shows up once the cached answer expires."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app(service.settings)) as client:
+        body = client.get("/readyz").json()
+        assert body["status"] == "ready" and body["workers"]["workers"] == 0
+        assert body["workers"]["ever_seen"] is False and body["workers"]["queue"] == service.settings.queue
+        client.app.state.store.register_worker("host:1:2", service.settings.queue, {"cpu": True, "cuda": False})
+        time.sleep(1.1)  # past the probe's 1 s cache
+        workers = client.get("/readyz").json()["workers"]
+        assert workers["workers"] == 1 and workers["no_worker_for_s"] is None and workers["cuda_workers"] == 0
