@@ -72,6 +72,18 @@ def _response_size(buf: bytes | bytearray) -> tuple[int, int] | None:
     return int(head[9:12]), end + 4 + length
 
 
+def read_response(sock: socket.socket) -> tuple[tuple[int, int] | None, bytearray]:
+    """One response from a blocking socket, read until its Content-Length or until the peer closes:
+    ((status, total bytes) or None if the headers never completed, the bytes read)."""
+    buf = bytearray()
+    while (size := _response_size(buf)) is None or len(buf) < size[1]:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return size, buf
+
+
 def drive_blocking(port: int, request: bytes, seconds: float, warmup: float) -> dict[str, Any]:
     """Concurrency 1: one keep-alive connection, send → wait → send (closed loop, like wrk -c1)."""
     sock = socket.create_connection(("127.0.0.1", port))

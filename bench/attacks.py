@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.act_latency import _request, _response_size
+from bench.act_latency import _request, _response_size, read_response
 from bench.live import ADMIN_TOKEN, LiveService, act_request, cpu_seconds, open_loop, summarise
 from bench.results_io import machine_load, write_result
 
@@ -291,12 +291,7 @@ class FreshConnections(threading.Thread):
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
                     sock.sendall(self.request.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n", 1))
-                    buf = bytearray()
-                    while (size := _response_size(buf)) is None or len(buf) < size[1]:
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            break
-                        buf += chunk
+                    size, _ = read_response(sock)
                     status = size[0] if size is not None else 0
             except OSError:
                 status = 0

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.act_latency import ROOT, _request, _response_size, setup_policy
+from bench.act_latency import ROOT, _request, _response_size, read_response, setup_policy
 from service.launcher import free_port, redis_command, wait_for_redis
 
 ADMIN_TOKEN = "bench-admin-token-not-secret"
@@ -114,12 +114,7 @@ class LiveService:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
                 sock.sendall(_request(method, path, token, raw) if method == "POST" else _request(method, path, token))
-                buf = bytearray()
-                while (size := _response_size(buf)) is None or len(buf) < size[1]:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
+                size, buf = read_response(sock)
         except OSError:
             return 0, None
         if size is None:
