@@ -190,6 +190,7 @@ def _summary(latencies: list[float], errors: int, seconds: float) -> dict[str, A
 def setup_policy(data_dir: Path) -> tuple[str, str, Path]:
     """A synthetic artefact registered to an act-only controller token: (policy id, token, path)."""
     from bench.synthetic import write_random_artefact
+    from core.promotion import create_policy_from_artefact
     from core.store import Store
 
     artefact = write_random_artefact(
@@ -203,7 +204,7 @@ def setup_policy(data_dir: Path) -> tuple[str, str, Path]:
     )
     store = Store(f"sqlite:///{data_dir / 'cvpo.db'}", data_dir)
     token_id, token = store.create_token("bench-controller", ["policies:act"])
-    policy = store.create_policy_from_artefact(artefact, client=token_id)
+    policy = create_policy_from_artefact(store, artefact, client=token_id)
     store.engine.dispose()
     return policy.id, token, artefact
 

@@ -69,6 +69,7 @@ def _ctype(headers: Any) -> str:
 def setup(client: Any, tmp: Path) -> dict[str, Any]:
     """Tokens, policies and jobs for the generated requests to hit."""
     from bench.synthetic import write_random_artefact
+    from core.promotion import create_policy_from_artefact
 
     store = client.app.state.store
     ids: dict[str, Any] = {"tokens": {}, "policies": {}, "jobs": {}}
@@ -82,7 +83,7 @@ def setup(client: Any, tmp: Path) -> dict[str, Any]:
     }
     for k, (name, (kw, owner)) in enumerate(specs.items()):
         artefact = write_random_artefact(tmp / "artefacts" / name, obs_dim=6, seed=k)
-        ids["policies"][name] = store.create_policy_from_artefact(artefact, owner, job_id=f"job_{name}", **kw).id
+        ids["policies"][name] = create_policy_from_artefact(store, artefact, owner, job_id=f"job_{name}", **kw).id
     spec = {"env_id": "SafetyPointCircle1-v0", "total_env_steps": 1000}
     headers = {"Authorization": f"Bearer {ADMIN}"}
     ids["jobs"]["queued"] = client.post("/jobs", json=spec, headers=headers).json()["id"]

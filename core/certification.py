@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from core.promotion import promote
 from core.settings import Settings
 from core.store import CheckpointRecord, JobRecord, PolicyRecord, Store
 
@@ -164,7 +165,7 @@ def candidates(store: Store, job: JobRecord, top_k: int) -> list[dict[str, Any]]
     """The checkpoints worth certifying at job end: the best-feasible artefact, the run's served
     ``policy/`` (its validated choice under ``loop.select = "validated"``), the final checkpoint, and
     up to ``top_k`` more of the best by the trainer's eval metrics; one per distinct set of weights.
-    Each: source (for ``Store.promote``), roles, checkpoint id, epoch, eval numbers."""
+    Each: source (for ``core.promotion.promote``), roles, checkpoint id, epoch, eval numbers."""
     out: list[dict[str, Any]] = []
     seen: dict[str, dict[str, Any]] = {}
 
@@ -242,6 +243,6 @@ def auto_promote(store: Store, job: JobRecord, settings: Settings) -> tuple[str 
         promotion.update(certified=False, reason="no candidate certified: " + "; ".join(reasons))
         return None, promotion
     chosen = max(passed, key=lambda c: c["return_mean"])  # max keeps the first of equals
-    policy = store.promote(job=job, source=chosen["source"], client=job.client, certificate=chosen["certificate"])
+    policy = promote(store, job=job, source=chosen["source"], client=job.client, certificate=chosen["certificate"])
     promotion.update(policy_id=policy.id, source=chosen["source"], certified=True, reason=None)
     return policy.id, promotion

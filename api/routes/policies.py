@@ -32,6 +32,7 @@ from api.errors import Problem, json_safe, validation_problem
 from api.routes import json_response, store_of
 from api.schemas import PromoteRequest
 from api.shield import ShieldSpecError
+from core import promotion
 from core.store import ConflictError, NotFoundError, PolicyRecord, Principal
 from cvpo.artefact import META_FILE, WEIGHTS_FILE, ArtefactError
 
@@ -397,7 +398,7 @@ def promote(
             raise validation_problem([{"loc": ["body", "shield"], "msg": str(exc), "input": spec}]) from exc
 
     try:
-        _, artefact = store.resolve_artefact(job, body.checkpoint_id)
+        _, artefact = promotion.resolve_artefact(store, job, body.checkpoint_id)
         sha = json.loads((artefact / "policy.json").read_text())["weights_sha256"]
         params = job_params(job.spec, settings)
         cert = cached_certificate(job, sha, params, None)
@@ -419,7 +420,8 @@ def promote(
         )
     override = {"reason": body.override.reason, "actor": principal.client} if body.override else None
     try:
-        policy = store.promote(
+        policy = promotion.promote(
+            store,
             job=job,
             source=body.checkpoint_id,
             client=principal.client,

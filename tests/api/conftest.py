@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench.synthetic import write_random_artefact
+from core.promotion import create_policy_from_artefact
 from core.settings import Settings
 from core.store import Store
 
@@ -35,7 +36,7 @@ class Served:
     def register(self, name: str, owner: str = "owner", shield: dict[str, Any] | None = None, **kw: Any) -> str:
         kw = {"obs_dim": OBS_DIM, "act_low": LOW, "act_high": HIGH} | kw
         artefact = write_random_artefact(self.root / name, **kw)
-        policy = self.store.create_policy_from_artefact(artefact, self.ids[owner], shield=shield, job_id=f"job_{name}")
+        policy = create_policy_from_artefact(self.store, artefact, self.ids[owner], shield=shield, job_id=f"job_{name}")
         self.policies[name] = policy.id
         return policy.id
 

@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 import api.act as act_module
 import api.routes.act as act_route_module
+from core.promotion import create_policy_from_artefact
 from cvpo.artefact import load_policy
 from tests.api.conftest import HIGH, LOW, OBS_DIM, Served
 
@@ -289,7 +290,7 @@ def test_act_says_whether_the_policy_is_certified(served: Served) -> None:
     artefact = write_random_artefact(served.root / "certified", obs_dim=OBS_DIM, act_low=LOW, act_high=HIGH, seed=9)
     sha = json.loads((artefact / "policy.json").read_text())["weights_sha256"]
     cert = {"certified": True, "artefact_sha256": sha, "episodes": 30, "constraints": []}
-    record = served.store.create_policy_from_artefact(artefact, served.ids["owner"], certificate=cert)
+    record = create_policy_from_artefact(served.store, artefact, served.ids["owner"], certificate=cert)
     served.policies["certified"] = record.id
     for _ in range(2):  # first request loads the policy, the second is served from the cache
         r = act(served, "certified", {"observations": ROWS.tolist()}, role="owner")

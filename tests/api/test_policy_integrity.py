@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from api.routes.jobs import resolve_spec
 from api.schemas import JobSpec
 from bench.synthetic import write_random_artefact
+from core.promotion import promote
 from core.store import policies
 from tests.api.conftest import HIGH, LOW, OBS_DIM, Served
 from tests.api.test_policies_http import ROWS, act, assert_problem
@@ -27,13 +28,13 @@ BODY = {"observations": ROWS[:2].tolist()}
 
 
 def promoted(served: Served, name: str, seed: int) -> str:
-    """A policy made by the real promotion path: a job's best_policy artefact through ``Store.promote``."""
+    """A policy made by the real promotion path: a job's best_policy artefact through ``core.promotion.promote``."""
     echoed, config = resolve_spec(JobSpec.model_validate({"env_id": "SafetyPointGoal1-v0", "total_env_steps": 1000}))
     job, _ = served.store.create_job(
         client=served.ids["owner"], spec=echoed, config=config, max_attempts=1, time_limit_s=60, labels={}
     )
     write_random_artefact(Path(job.run_dir) / "best_policy", obs_dim=OBS_DIM, act_low=LOW, act_high=HIGH, seed=seed)
-    return served.store.promote(job=job, source="best", client=served.ids["owner"]).id
+    return promote(served.store, job=job, source="best", client=served.ids["owner"]).id
 
 
 def edit_meta(served: Served, policy_id: str, change: Any) -> None:

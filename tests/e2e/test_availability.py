@@ -181,6 +181,7 @@ def in_process(tmp_path: Path) -> Iterator[tuple[Any, int, str, str]]:
     from api.app import create_app
     from api.shedding import shedding_protocol
     from bench.synthetic import write_random_artefact
+    from core.promotion import create_policy_from_artefact
     from core.settings import Settings
     from core.store import Store
 
@@ -193,7 +194,7 @@ def in_process(tmp_path: Path) -> Iterator[tuple[Any, int, str, str]]:
     )
     store = Store(settings.resolved_database_url, settings.data_dir)
     artefact = write_random_artefact(settings.data_dir / "policies" / "synthetic", obs_dim=OBS_DIM)
-    policy_id = store.create_policy_from_artefact(artefact, "admin", job_id="job_synthetic").id
+    policy_id = create_policy_from_artefact(store, artefact, "admin", job_id="job_synthetic").id
     _, controller = store.create_token("arm", ["policies:act"], client="admin")
     store.engine.dispose()
     app = create_app(settings)

@@ -170,12 +170,13 @@ def test_a_policy_within_its_limit_is_certified_and_can_be_evaluated_on_demand(a
 )
 def test_evaluation_inputs_are_422_naming_the_field(api: Any, body: dict[str, Any], loc: str) -> None:
     from bench.synthetic import write_random_artefact
+    from core.promotion import create_policy_from_artefact
 
     store = api.app.state.store
     artefact = write_random_artefact(
         store.data_dir / "synthetic", obs_dim=28, env_id="SafetyPointCircle1-v0", normalizer=False
     )
-    pid = store.create_policy_from_artefact(artefact, "admin").id
+    pid = create_policy_from_artefact(store, artefact, "admin").id
     assert_problem(api.post(f"/policies/{pid}/evaluations", json=body), 422, loc)
     assert api.get(f"/policies/{pid}/evaluations").json()["items"] == []
     assert_problem(api.post("/policies/pol_nope/evaluations", json={}), 404)

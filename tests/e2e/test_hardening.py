@@ -271,6 +271,7 @@ def live_service(tmp: Path, env_extra: dict[str, str], *, worker: bool, log_leve
     """Redis, ``cvpo api`` (and a worker) on free loopback ports, with a synthetic policy and an act-only
     token; every process stopped (SIGTERM, then SIGKILL) and the API log's tail printed on the way out."""
     from bench.synthetic import write_random_artefact
+    from core.promotion import create_policy_from_artefact
     from core.store import Store
 
     redis = RedisServer(tmp / "redis-data")
@@ -280,7 +281,7 @@ def live_service(tmp: Path, env_extra: dict[str, str], *, worker: bool, log_leve
     settings.data_dir.mkdir(parents=True)
     store = Store(settings.resolved_database_url, settings.data_dir)
     artefact = write_random_artefact(settings.data_dir / "policies" / "synthetic", obs_dim=OBS_DIM)
-    policy_id = store.create_policy_from_artefact(artefact, "admin", job_id="job_synthetic").id
+    policy_id = create_policy_from_artefact(store, artefact, "admin", job_id="job_synthetic").id
     _, controller = store.create_token("arm", ["policies:act"], client="admin")
     store.engine.dispose()
     names = (["worker"] if worker else []) + ["api"]

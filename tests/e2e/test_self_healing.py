@@ -22,6 +22,7 @@ import httpx
 import redis
 
 from bench.synthetic import write_random_artefact
+from core.promotion import create_policy_from_artefact
 from core.store import Store
 from service.launcher import free_port
 from tests.conftest import ROOT, TINY_SPEC, wait_until
@@ -132,7 +133,7 @@ def test_cvpo_serve_restarts_a_killed_redis_and_worker_and_act_keeps_answering(t
         store = Store(f"sqlite:///{tmp_path / 'data' / 'cvpo.db'}", tmp_path / "data")
         ctl_id, ctl_token = store.create_token("controller", ["policies:act"])
         artefact = write_random_artefact(tmp_path / "artefact", obs_dim=OBS_DIM)
-        policy = store.create_policy_from_artefact(artefact, ctl_id)
+        policy = create_policy_from_artefact(store, artefact, ctl_id)
         act_headers = {"Authorization": f"Bearer {ctl_token}"}
         act_body = {"observations": [[0.5] * OBS_DIM]}
         acts: list[int] = []

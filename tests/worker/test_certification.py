@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from bench.synthetic import write_random_artefact
 from core import store as store_module
 from core.certification import candidates, job_params, shortfall, stochastic_for
+from core.promotion import resolve_artefact
 from core.settings import Settings
 from core.store import Store
 from cvpo.certify import cost_upper_bound
@@ -117,7 +118,7 @@ def test_candidates_are_best_final_and_the_top_by_eval_once_each(tmp_path: Path,
     # its own, and promotable by that name; with the weights of a checkpoint it adds a role instead.
     write_random_artefact(run / "policy", obs_dim=28, seed=99, env_id=ENV)
     assert roles(0)[1] == ("served", ["served"])
-    assert store.resolve_artefact(store.get_job(job.id), "served") == (None, run / "policy")
+    assert resolve_artefact(store, store.get_job(job.id), "served") == (None, run / "policy")
     write_random_artefact(run / "policy", obs_dim=28, seed=3, env_id=ENV)
     assert roles(0) == [("best", ["best-feasible"]), ("served", ["served", "final"])]
 
