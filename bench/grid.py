@@ -56,6 +56,7 @@ from bench.results_io import write_result
 from bench.stats import align_curves, band, bootstrap_ci, feasible_fraction
 from cvpo.checkpoint import list_checkpoints
 from cvpo.config import ConfigError, build_overrides, config_from_dict, expand_overrides, resolve_config
+from cvpo.metrics import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIDENCE = 0.95
@@ -421,56 +422,33 @@ def collect_rows(grid: Grid, runs: list[Run], previous: list[dict[str, Any]] | N
             continue
         finished = run.status() == "finished"
         for m in metrics:
-            lambdas = m.get("cost_multipliers") or []
             rows.append(
                 {
                     "grid": grid.name,
                     "task": run.task,
                     "seed": run.seed,
-                    "epoch": m["epoch"],
-                    "env_steps": m["env_steps"],
-                    "eval_return": m.get("eval_return"),
-                    "eval_cost": m.get("eval_cost"),
-                    "eval_return_std": m.get("eval_return_std"),
-                    "eval_cost_std": m.get("eval_cost_std"),
+                    **summary(m),  # cvpo/metrics.py: the one view of an epoch's metrics
                     "eval_episodes": len(m.get("eval_episode_returns") or []),
-                    "train_return": m.get("train_return"),
-                    "train_cost": m.get("train_cost"),
-                    "lambda": lambdas[0] if lambdas else None,  # after the epoch's last E-step
-                    "lambdas": lambdas,
-                    # The E-step solves λ per minibatch, so the last value often sits at a bound; the
-                    # epoch's mean over its updates is the figure to plot.
-                    "lambda_epoch_mean": m.get("cost_multiplier_0"),
-                    "cost_limit": (m.get("cost_limits") or [None])[0],
-                    "feasible": m.get("feasible"),
                     "updates": m.get("updates"),
                     "wall_time_s": m.get("wall_time_s"),
                     "run_finished": finished,
-                    # Last epoch only: the evaluation-layout numbers of the policy the run serves
-                    # (the last epoch's, or the one loop.select = "validated" chose, at served_epoch).
-                    "served_epoch": m.get("served_epoch"),
-                    "served_eval_return": m.get("served_eval_return"),
-                    "served_eval_cost": m.get("served_eval_cost"),
-                    "validation_return": m.get("validation_return"),
-                    "validation_cost_bound": m.get("validation_cost_bound"),
-                    **{key: m.get(source) for key, source in TRUST_KEYS.items()},
                 }
             )
     return rows
 
 
-# Per-epoch trust signals (issue "Safe by default") copied into runs.jsonl: row key → metrics key.
-TRUST_KEYS = {
-    "eval_cost_stochastic": "eval_cost_stochastic",
-    "policy_std": "policy_std",
-    "margin": "margin",
-    "probe_cost": "probe_cost",
-    "critic_cost_predicted": "critic_cost_predicted",
-    "critic_cost_realised": "critic_cost_realised",
-    "lambda_at_floor": "lambda_at_floor_0",
-    "lambda_at_cap": "lambda_at_cap_0",
-    "estep_kl_max": "estep_kl_max",
-}
+# Final trust signals (issue "Safe by default") that the summary gives a CI each, as summary keys.
+TRUST_KEYS = (
+    "eval_cost_stochastic",
+    "policy_std",
+    "margin",
+    "probe_cost",
+    "critic_cost_predicted",
+    "critic_cost_realised",
+    "lambda_at_floor_share",
+    "lambda_at_cap_share",
+    "estep_kl_max",
+)
 
 
 def _served(row: dict[str, Any]) -> dict[str, Any]:
@@ -526,7 +504,9 @@ def summarize(grid: Grid, runs: list[Run], rows: list[dict[str, Any]]) -> dict[s
                     "served_epochs": served_epochs,
                     "train_return": _ci([f["train_return"] for f in finals if f["train_return"] is not None]),
                     "train_cost": _ci([f["train_cost"] for f in finals if f["train_cost"] is not None]),
-                    "lambda": _ci([f["lambda"] for f in finals if f["lambda"] is not None]),
+                    "lagrange_multiplier": _ci(
+                        [f["lagrange_multiplier"] for f in finals if f["lagrange_multiplier"] is not None]
+                    ),
                     "feasible_fraction": feasible_fraction(costs, entry["cost_limit"]),
                     "feasible_seeds": int(sum(c <= entry["cost_limit"] for c in costs)),
                     "eval_episodes": min(f["eval_episodes"] for f in finals),

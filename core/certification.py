@@ -157,7 +157,7 @@ def _weights_sha(artefact: Path) -> str | None:
 def rank_key(ck: CheckpointRecord) -> tuple:
     """The trainer's own best rule: feasible first by highest eval return, then lowest eval cost."""
     if ck.feasible:
-        return (0, -(ck.eval_reward if ck.eval_reward is not None else -math.inf))
+        return (0, -(ck.eval_return if ck.eval_return is not None else -math.inf))
     return (1, ck.eval_cost if ck.eval_cost is not None else math.inf)
 
 
@@ -181,7 +181,7 @@ def candidates(store: Store, job: JobRecord, top_k: int) -> list[dict[str, Any]]
             "roles": [role],
             "checkpoint_id": ck.id if ck else None,
             "epoch": ck.epoch if ck else (summary or {}).get("epoch"),
-            "eval_reward": ck.eval_reward if ck else (summary or {}).get("eval_return"),
+            "eval_return": ck.eval_return if ck else (summary or {}).get("eval_return"),
             "eval_cost": ck.eval_cost if ck else (summary or {}).get("eval_cost"),
             "artefact": str(artefact),
             "weights_sha256": sha,

@@ -28,6 +28,7 @@ from cvpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from cvpo.config import TrainConfig, config_from_dict
 from cvpo.envs import ObservationNormalizer, SafeEnv
 from cvpo.learner import Learner, MinibatchTensors, sample_actions
+from cvpo.metrics import policy_summary
 from cvpo.nets import ActorSnapshot
 from cvpo.runlog import RunLog
 from cvpo.runtime import keep_freed_memory
@@ -531,22 +532,7 @@ class Trainer:
             self.actor_snapshot.refresh()
 
     def write_policy(self, name: str, metrics: dict[str, Any] | None) -> Path:
-        summary = (
-            {
-                k: metrics.get(k)
-                for k in (
-                    "epoch",
-                    "env_steps",
-                    "eval_return",
-                    "eval_cost",
-                    "feasible",
-                    "train_return",
-                    "train_cost",
-                )
-            }
-            if metrics
-            else {}
-        )
+        summary = policy_summary(metrics)
         summary["seed"] = self.config.seed
         return write_policy_artefact(
             self.run_dir / name,

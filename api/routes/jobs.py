@@ -458,7 +458,7 @@ def job_checkpoints(request: Request, job_id: str, principal: Reader) -> Respons
             "attempt": ck.attempt,
             "epoch": ck.epoch,
             "env_step": ck.env_step,
-            "eval_reward": ck.eval_reward,
+            "eval_return": ck.eval_return,
             "eval_cost": ck.eval_cost,
             "feasible": ck.feasible,
             "is_best": best_epoch is not None and ck.epoch == best_epoch,

@@ -87,7 +87,7 @@ class Source(BaseModel):
     job_id: str | None
     checkpoint_id: str | None
     epoch: int | None = None
-    eval_reward: float | None = None
+    eval_return: float | None = None
     eval_cost: float | None = None
 
 
@@ -184,7 +184,7 @@ def policy_resource(policy: PolicyRecord, settings: Any, cache: PolicyCache | No
                 "job_id": policy.job_id,
                 "checkpoint_id": policy.checkpoint_id,
                 "epoch": summary.get("epoch"),
-                "eval_reward": summary.get("eval_return"),
+                "eval_return": summary.get("eval_return"),
                 "eval_cost": summary.get("eval_cost"),
             },
             "architecture": meta.get("architecture"),

@@ -311,7 +311,7 @@
         el("progress", { max: 1, value: frac, "aria-label": `Progress of ${job.id}` }),
         ` ${Math.round(frac * 100)}%`);
       c[4].className = c[5].className = "num";
-      c[4].textContent = fmt(latest.eval_reward);
+      c[4].textContent = fmt(latest.eval_return);
       c[5].replaceChildren(costNode(latest.eval_cost, limit));
       c[6].textContent = `${job.attempt}/${job.max_attempts}`;
       c[7].replaceChildren(timeEl(job.created_at));
@@ -387,7 +387,7 @@
     $("crumb-id").textContent = id;
     $("job-title").textContent = id;
     let job = null;
-    const points = new Map(); // epoch → {env_step, eval_reward, eval_cost, cost_limit, lambdas, train_*}
+    const points = new Map(); // epoch → {env_step, eval_return, eval_cost, cost_limit, lambdas, train_*}
     let lastSeq = 0;
     let redrawQueued = false;
 
@@ -401,15 +401,15 @@
     function fromHistory(p) {
       const v = p.values || {};
       return {
-        epoch: p.epoch, env_step: p.env_step, eval_reward: v.eval_return, eval_cost: v.eval_cost,
-        train_reward: v.train_return, train_cost: v.train_cost, eval_cost_stochastic: v.eval_cost_stochastic,
+        epoch: p.epoch, env_step: p.env_step, eval_return: v.eval_return, eval_cost: v.eval_cost,
+        train_return: v.train_return, train_cost: v.train_cost, eval_cost_stochastic: v.eval_cost_stochastic,
         cost_limit: (v.cost_limits || [])[0], lambdas: epochMeanLambdas(v) || v.cost_multipliers || [],
       };
     }
     function fromEvent(d) {
       return {
-        epoch: d.epoch, env_step: d.env_step, eval_reward: d.eval_reward, eval_cost: d.eval_cost,
-        train_reward: d.train_reward, train_cost: d.train_cost, cost_limit: d.cost_limit,
+        epoch: d.epoch, env_step: d.env_step, eval_return: d.eval_return, eval_cost: d.eval_cost,
+        train_return: d.train_return, train_cost: d.train_cost, cost_limit: d.cost_limit,
         eval_cost_stochastic: d.eval_cost_stochastic,
         lambdas: (d.lagrange_multipliers_mean && d.lagrange_multipliers_mean.length ? d.lagrange_multipliers_mean : null)
           || d.lagrange_multipliers || (d.lagrange_multiplier === undefined ? [] : [d.lagrange_multiplier]),
@@ -432,9 +432,9 @@
       const ps = [...points.values()].sort((a, b) => a.epoch - b.epoch);
       const xy = (key) => ps.map((p) => [p.env_step, p[key]]);
       drawChart($("chart-reward"), [
-        { name: "eval reward", cls: "reward", points: xy("eval_reward") },
-        { name: "train reward", cls: "train", points: xy("train_reward") },
-      ], "Eval reward");
+        { name: "eval return", cls: "reward", points: xy("eval_return") },
+        { name: "train return", cls: "train", points: xy("train_return") },
+      ], "Eval return");
       drawChart($("chart-cost"), [
         { name: "eval cost", cls: "cost", points: xy("eval_cost") },
         { name: "train cost", cls: "train", points: xy("train_cost") },
@@ -449,7 +449,7 @@
       if (!tableBox.open) return; // filled when opened: long runs have thousands of rows
       $("points-table").tBodies[0].replaceChildren(...ps.map((p) => el("tr", {},
         el("td", { text: p.epoch }), el("td", { class: "num", text: p.env_step }),
-        el("td", { class: "num", text: fmt(p.eval_reward) }), el("td", { class: "num" }, costNode(p.eval_cost, null)),
+        el("td", { class: "num", text: fmt(p.eval_return) }), el("td", { class: "num" }, costNode(p.eval_cost, null)),
         el("td", { class: "num", text: fmt(p.cost_limit) }), el("td", { class: "num", text: p.lambdas.map((x) => fmt(x, 3)).join(", ") || "—" }))));
     }
 
@@ -461,7 +461,7 @@
       kv($("job-summary"), [
         ["Task", j.env_id], ["Seed", String(j.spec.seed ?? "—")],
         ["Attempt", `${j.attempt}/${j.max_attempts}`], ["Epoch", String(p.epoch)],
-        ["Eval reward", fmt(latest.eval_reward)], ["Eval cost / limit", costNode(latest.eval_cost, limit)],
+        ["Eval return", fmt(latest.eval_return)], ["Eval cost / limit", costNode(latest.eval_cost, limit)],
         ["λ", (latest.lagrange_multipliers || []).map((x) => fmt(x, 3)).join(", ") || "—"],
         ["Eval cost, sampled actions", fmt(latest.eval_cost_stochastic)],
         ["Policy σ (mean)", fmt(latest.policy_std, 3)],
@@ -469,8 +469,8 @@
         ["Cost critic: predicted / realised", latest.critic_cost_predicted == null ? "—" : `${fmt(latest.critic_cost_predicted, 2)} / ${fmt(latest.critic_cost_realised, 2)}`],
         ["λ at floor / at cap (share of updates)", latest.lambda_at_floor_share == null ? "—" : `${fmt(latest.lambda_at_floor_share, 2)} / ${fmt(latest.lambda_at_cap_share, 2)}`],
         ["Max E-step KL", fmt(latest.estep_kl_max, 4)],
-        ["Validated choice (loop.select)", latest.selected_epoch == null ? "—" : `epoch ${latest.selected_epoch}; this epoch: validation reward ${fmt(latest.validation_reward)}, cost ${fmt(latest.validation_cost)} (bound ${fmt(latest.validation_cost_bound)})`],
-        ["Best", best ? `epoch ${best.epoch ?? "?"}: reward ${fmt(best.eval_return ?? best.eval_reward)}, cost ${fmt(best.eval_cost)}` : "—"],
+        ["Validated choice (loop.select)", latest.selected_epoch == null ? "—" : `epoch ${latest.selected_epoch}; this epoch: validation return ${fmt(latest.validation_return)}, cost ${fmt(latest.validation_cost)} (bound ${fmt(latest.validation_cost_bound)})`],
+        ["Best", best ? `epoch ${best.epoch ?? "?"}: return ${fmt(best.eval_return)}, cost ${fmt(best.eval_cost)}` : "—"],
         ["Created", timeEl(j.created_at)], ["Started", timeEl(j.started_at)], ["Finished", timeEl(j.finished_at)],
         ["Env steps/s", fmt(p.env_steps_per_s, 0)],
       ]);
@@ -532,7 +532,7 @@
       const list = $("job-policies");
       list.replaceChildren(...pols.items.map((p) => el("li", {},
         el("a", { href: `/ui/policies/${encodeURIComponent(p.id)}`, text: p.id }),
-        ` — ${sourceText(p.source)}, eval reward ${fmt(p.source.eval_reward)}, cost `,
+        ` — ${sourceText(p.source)}, eval return ${fmt(p.source.eval_return)}, cost `,
         costNode(p.source.eval_cost, (p.cost_limits || [])[0]), p.shield ? `, shield: ${p.shield.type}` : "", " ",
         certBadge(p.certified, p.override))));
       if (!pols.items.length) list.append(el("li", { class: "hint", text: "No policy yet: a succeeded job promotes its best certified checkpoint." }));
@@ -542,7 +542,7 @@
       if (!promotable.length || !job || !TERMINAL.has(job.status)) return;
       const sel = el("select", { id: "promote-ckpt" }, el("option", { value: "best", text: "best (feasible, else lowest cost)" }),
         el("option", { value: "final", text: "final" }),
-        ...promotable.map((c) => el("option", { value: c.id, text: `${c.id} (epoch ${c.epoch}, reward ${fmt(c.eval_reward)}, cost ${fmt(c.eval_cost)})` })));
+        ...promotable.map((c) => el("option", { value: c.id, text: `${c.id} (epoch ${c.epoch}, return ${fmt(c.eval_return)}, cost ${fmt(c.eval_cost)})` })));
       const button = el("button", { type: "submit", text: "Promote to a new policy" });
       const form = el("form", { class: "inline" }, el("label", { for: "promote-ckpt", text: "Checkpoint" }), sel, button);
       form.addEventListener("submit", async (ev) => {
@@ -691,7 +691,7 @@
       ["Task", pol.env_id], ["Created", timeEl(pol.created_at)],
       ["Source job", src.job_id ? el("a", { href: `/ui/jobs/${encodeURIComponent(src.job_id)}`, text: src.job_id }) : "—"],
       ["Source", sourceText(src)],
-      ["Eval reward", fmt(src.eval_reward)], ["Eval cost / limit", costNode(src.eval_cost, limit)],
+      ["Eval return", fmt(src.eval_return)], ["Eval cost / limit", costNode(src.eval_cost, limit)],
       ["Cost limits", (pol.cost_limits || []).map((x) => fmt(x, 1)).join(", ") || "—"],
       ["Observation space", space(pol.observation_space)], ["Action space", space(pol.action_space)],
       ["Normaliser", pol.normalizer.present ? `frozen statistics, clip ±${pol.normalizer.clip}` : "none"],
@@ -709,7 +709,7 @@
         $("policy-versions").replaceChildren(...data.items.map((p) => el("li", {},
           p.id === id ? el("strong", { "aria-current": "page", text: `${p.id} (this one)` })
             : el("a", { href: `/ui/policies/${encodeURIComponent(p.id)}`, text: p.id }),
-          ` — ${sourceText(p.source)}, reward ${fmt(p.source.eval_reward)}, cost ${fmt(p.source.eval_cost)}${p.shield ? `, shield ${p.shield.type}` : ""}`)));
+          ` — ${sourceText(p.source)}, return ${fmt(p.source.eval_return)}, cost ${fmt(p.source.eval_cost)}${p.shield ? `, shield ${p.shield.type}` : ""}`)));
       }).catch((e) => { $("policy-versions").replaceChildren(el("li", { class: "error", text: e.message })); });
     }
 

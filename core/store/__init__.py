@@ -13,7 +13,7 @@ write (fencing, §3.3). Redis holds no state that is not also here.
 One module per aggregate (issue #19), composed here into the facade ``Store``:
 
 - ``schema``: tables, the engine, the migration, advisory locks and upserts;
-- ``records``: statuses, the record dataclasses, errors, ids, timestamps, cursors, ``latest_view``;
+- ``records``: statuses, the record dataclasses, errors, ids, timestamps, cursors;
 - ``submission``: creating, reading, listing and deleting jobs; the reconciler's reads;
 - ``state_machine``: ``TRANSITIONS``, the lease and fencing, every worker write;
 - ``history``: events, logs and metric history;
@@ -53,7 +53,6 @@ from core.store.records import (
     _job,
     _policy,
     decode_cursor,
-    latest_view,
     new_id,
     rfc3339,
 )
@@ -143,7 +142,6 @@ __all__ = [
     "idempotency",
     "jobs",
     "kv",
-    "latest_view",
     "make_engine",
     "metadata",
     "metric_points",

@@ -1,6 +1,5 @@
 """What the store hands out and raises: job statuses, the record dataclasses and their row converters,
-the errors a route maps to HTTP, ids, timestamps and page cursors, and ``latest_view`` (the job
-resource's ``latest`` block, which ``record_epoch`` stores)."""
+the errors a route maps to HTTP, ids, timestamps and page cursors."""
 
 from __future__ import annotations
 
@@ -164,7 +163,7 @@ class CheckpointRecord:
     env_step: int
     path: str
     artefact_path: str | None
-    eval_reward: float | None
+    eval_return: float | None
     eval_cost: float | None
     feasible: bool | None
     created_at: float
@@ -201,49 +200,3 @@ def _find_job(c: Connection, job_id: str, client: str | None, *, lock: bool = Fa
     if row is None:
         raise NotFoundError(f"no job {job_id!r}")
     return row
-
-
-def latest_view(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The job resource's ``latest`` block from one epoch's engine metrics (service-design.md §1.3)."""
-    limits = metrics.get("cost_limits") or []
-    lams = metrics.get("cost_multipliers") or []
-    means = [metrics[f"cost_multiplier_{i}"] for i in range(len(lams)) if f"cost_multiplier_{i}" in metrics]
-    return {
-        "epoch": metrics.get("epoch"),
-        "train_reward": metrics.get("train_return"),
-        "train_cost": metrics.get("train_cost"),
-        "eval_reward": metrics.get("eval_return"),
-        "eval_cost": metrics.get("eval_cost"),
-        "cost_limit": limits[0] if limits else None,
-        "cost_limits": limits,
-        "feasible": metrics.get("feasible"),
-        "lagrange_multiplier": lams[0] if lams else None,  # after the epoch's last E-step
-        "lagrange_multipliers": lams,
-        # The E-step solves λ per minibatch, so its last value often sits at a dual bound; the mean
-        # over the epoch's updates is the one to watch.
-        "lagrange_multiplier_mean": means[0] if means else None,
-        "lagrange_multipliers_mean": means,
-        "temperature": metrics.get("temperature_last"),
-        # Trust signals (issue "Safe by default"): the constraint binds the sampled policy, the service
-        # serves the mean one; these say how far apart they are and how well the cost critic predicts.
-        "eval_reward_stochastic": metrics.get("eval_return_stochastic"),
-        "eval_cost_stochastic": metrics.get("eval_cost_stochastic"),
-        "policy_std": metrics.get("policy_std"),
-        "margin": metrics.get("margin"),
-        "effective_cost_limits": metrics.get("effective_cost_limits") or [],
-        "probe_cost": metrics.get("probe_cost"),
-        "critic_cost_predicted": metrics.get("critic_cost_predicted"),
-        "critic_cost_realised": metrics.get("critic_cost_realised"),
-        "lambda_at_floor_share": metrics.get("lambda_at_floor_0"),
-        "lambda_at_cap_share": metrics.get("lambda_at_cap_0"),
-        "estep_kl_max": metrics.get("estep_kl_max"),
-        # loop.select = "validated" (docs/safety-margin.md): this epoch's validation numbers, the epoch
-        # chosen so far, and on the last epoch the chosen policy's evaluation numbers.
-        "validation_reward": metrics.get("validation_return"),
-        "validation_cost": metrics.get("validation_cost"),
-        "validation_cost_bound": metrics.get("validation_cost_bound"),
-        "selected_epoch": (metrics.get("selected") or {}).get("epoch"),
-        "served_epoch": metrics.get("served_epoch"),
-        "served_eval_reward": metrics.get("served_eval_return"),
-        "served_eval_cost": metrics.get("served_eval_cost"),
-    }

@@ -87,7 +87,7 @@ checkpoints = sa.Table(
     sa.Column("env_step", BigInt, nullable=False),
     sa.Column("path", sa.String(1000), nullable=False),
     sa.Column("artefact_path", sa.String(1000)),
-    sa.Column("eval_reward", sa.Float),
+    sa.Column("eval_return", sa.Float),  # "eval_reward" before December 2026 (RENAMED_COLUMNS)
     sa.Column("eval_cost", sa.Float),
     sa.Column("feasible", sa.Boolean),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -312,11 +312,28 @@ def _nul_free_params(
     return statement, [clean(p) for p in params] if isinstance(params, list) else clean(params)
 
 
+# (table, old name) → new name: columns renamed since a store could have been created. Metric names
+# follow cvpo/metrics.py ("return", not "reward").
+RENAMED_COLUMNS = {("checkpoints", "eval_reward"): "eval_return"}
+
+
 def _migrate(engine: Engine) -> list[str]:
     """Additive migration: ``create_all`` makes missing tables but never alters existing ones, so a
-    store created before a nullable column existed gets it here (``ALTER TABLE … ADD COLUMN``).
+    store created before a nullable column existed gets it here (``ALTER TABLE … ADD COLUMN``), and
+    a renamed column is renamed in place (``RENAME COLUMN``, values kept; SQLite ≥ 3.25, PostgreSQL).
     Safe to race: an API and a worker starting together may both try; the loser re-checks."""
     added = []
+    for (table_name, old), new in RENAMED_COLUMNS.items():
+        have = {c["name"] for c in sa.inspect(engine).get_columns(table_name)}
+        if old not in have or new in have:
+            continue
+        try:
+            with engine.begin() as c:
+                c.exec_driver_sql(f"ALTER TABLE {table_name} RENAME COLUMN {old} TO {new}")
+            added.append(f"{table_name}.{old} -> {new}")
+        except sa.exc.SQLAlchemyError:
+            if new not in {c["name"] for c in sa.inspect(engine).get_columns(table_name)}:
+                raise
     for table in metadata.sorted_tables:
         have = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
         for col in table.columns:

@@ -33,10 +33,10 @@ from core.store.records import (
     _checkpoint,
     _find_job,
     _job,
-    latest_view,
     new_id,
 )
 from core.store.schema import checkpoints, jobs, metric_points, policies
+from cvpo.metrics import summary
 
 # The job state machine (service-design.md §1.5): the only moves ``transition`` performs.
 TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
@@ -196,7 +196,7 @@ class StateMachineMixin(StoreBase):
                     values=metrics,
                 )
             )
-            latest = latest_view(metrics)
+            latest = summary(metrics)  # cvpo/metrics.py: the one view of an epoch's metrics
             best = metrics.get("best")
             c.execute(
                 jobs.update()
@@ -232,7 +232,7 @@ class StateMachineMixin(StoreBase):
                     env_step=int(m.get("env_steps", row.env_step)),
                     path=str(path),
                     artefact_path=str(artefact_path) if artefact_path else None,
-                    eval_reward=m.get("eval_return"),
+                    eval_return=m.get("eval_return"),
                     eval_cost=m.get("eval_cost"),
                     feasible=m.get("feasible"),
                     created_at=time.time(),

@@ -70,11 +70,12 @@ def test_grid_runs_in_parallel_skips_finished_runs_and_aggregates(tmp_path: Path
     ]
     for r in rows:
         assert r["task"] == TASK and r["eval_episodes"] == 1 and r["cost_limit"] == 25.0
-        for key in ("eval_return", "eval_cost", "train_return", "train_cost", "lambda", "wall_time_s"):
+        for key in ("eval_return", "eval_cost", "train_return", "train_cost", "lagrange_multiplier", "wall_time_s"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), key
-        assert r["lambdas"] == [r["lambda"]]
+        assert r["lagrange_multipliers"] == [r["lagrange_multiplier"]]
         lower, upper = 1e-6 * (1 - 1e-9), 1e5 * (1 + 1e-9)  # AlgoConfig's dual bounds; a mean rounds
-        assert isinstance(r["lambda_epoch_mean"], float) and lower <= r["lambda_epoch_mean"] <= upper
+        mean = r["lagrange_multiplier_mean"]
+        assert isinstance(mean, float) and lower <= mean <= upper
 
     summary = json.loads((out / "summary.json").read_text())
     t = summary["tasks"][TASK]

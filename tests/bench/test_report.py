@@ -198,7 +198,7 @@ def test_ablation_table_puts_the_arms_side_by_side(tmp_path: Path) -> None:
     t["trust"] = {
         "eval_cost_stochastic": {"mean": 18.5, "ci_low": 12.0, "ci_high": 25.0},
         "policy_std": {"mean": 0.61},
-        "lambda_at_cap": {"mean": 0.37},
+        "lambda_at_cap_share": {"mean": 0.37},
         "critic_cost_predicted": {"mean": 4.5},
         "critic_cost_realised": {"mean": 6.25},
     }

@@ -57,7 +57,7 @@ def test_happy_path_trains_reports_reward_and_cost_and_promotes(api: Any, servic
     assert job["status"] == "succeeded", job["failure"]
     assert job["progress"]["env_step"] == 1500 and job["progress"]["fraction"] == 1.0
     latest = job["latest"]
-    for key in ("train_reward", "train_cost", "eval_reward", "eval_cost", "lagrange_multiplier"):
+    for key in ("train_return", "train_cost", "eval_return", "eval_cost", "lagrange_multiplier"):
         assert isinstance(latest[key], float), key
     # λ's epoch mean: one per constraint, inside the dual bounds (a mean of values clipped to them).
     assert latest["lagrange_multipliers_mean"] == [latest["lagrange_multiplier_mean"]]

@@ -31,7 +31,7 @@ STEPS = 3000  # six 500-step epochs, a checkpoint after each
 def rank(ck: Any) -> tuple:
     """The store's ranking (core.certification.rank_key): feasible by highest eval return, else lowest cost."""
     if ck.feasible:
-        return (0, -(ck.eval_reward if ck.eval_reward is not None else -math.inf))
+        return (0, -(ck.eval_return if ck.eval_return is not None else -math.inf))
     return (1, ck.eval_cost if ck.eval_cost is not None else math.inf)
 
 
