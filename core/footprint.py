@@ -57,7 +57,11 @@ def estimate(config: dict[str, Any], keep: int) -> dict[str, Any]:
     trunk = _mlp_params([obs, *actor_hidden])
     actor = trunk + _mlp_params([actor_hidden[-1], act]) + _mlp_params([actor_hidden[-1], n_cov])
     critic = _mlp_params([obs + act, *critic_hidden, 1])
-    critics = critic * (int(net.get("reward_critics", 2)) + m)
+    ensemble = max(1, int(net.get("cost_critics", 1)))  # cost critics per constraint
+    critics = critic * (int(net.get("reward_critics", 2)) + m * ensemble)
+    # The artefact holds one cost critic per constraint: with an ensemble, its members' mean as one MLP
+    # N times as wide (cvpo/artefact.py), so N² times the hidden-to-hidden weights.
+    served_critic = _mlp_params([obs + act, *(ensemble * h for h in critic_hidden), 1])
     # state.pt: actor, π_old and the M-step's target copy; critics and their targets; Adam's two
     # moments of the actor and the critics (a generous count: 3 actor copies + 2 moments, 2 + 2).
     state_bytes = FLOAT * (actor * 5 + critics * 4) + FLOAT * 4 * obs + ZIP_OVERHEAD
@@ -68,7 +72,7 @@ def estimate(config: dict[str, Any], keep: int) -> dict[str, Any]:
     epochs = math.ceil(total_steps / steps_per_epoch) + 1
     every = max(1, int(loop.get("checkpoint_every_epochs", 1)))
     checkpoints_written = math.ceil(epochs / every) + 1  # + the mid-epoch one a stop writes
-    artefact_bytes = FLOAT * (actor + critic * m) + 8 * 2 * obs + 16 * 1024  # + normaliser, policy.json
+    artefact_bytes = FLOAT * (actor + served_critic * m) + 8 * 2 * obs + 16 * 1024  # + normaliser, policy.json
     kept = min(checkpoints_written, keep + 2)  # newest ``keep``, the best, and the one being written
     artefacts = checkpoints_written + RUN_ARTEFACTS
     total = kept * checkpoint_bytes + artefacts * artefact_bytes + epochs * METRICS_BYTES_PER_EPOCH

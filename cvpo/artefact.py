@@ -15,6 +15,12 @@ safetensors file as the actor, so the one sha256 covers them. Member j maps the 
 observation concatenated with the *raw* action (the policy's [-1, 1] convention, before clipping
 and the Box map: what the replay buffer holds and the critics were trained on) through ReLU hidden
 layers to Q_c,j(s, a), the predicted discounted cost-to-go of constraint j.
+
+A learner with an N-member cost ensemble per constraint (``network.cost_critics`` = N > 1) is exported
+as the same m members, each the exact mean of its constraint's N networks written as one wider MLP
+(:func:`_ensemble_mean_layers`: the members' hidden units side by side, block-diagonal between hidden
+layers, the output layer's weights and bias divided by N), so the format and every reader stay as they
+are; ``cost_critic.ensemble`` in policy.json records N. With N = 1 nothing changes.
 """
 
 from __future__ import annotations
@@ -45,17 +51,61 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _critic_tensors(critic: Any, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
-    """An ``EnsembleCritic``'s stacked layers as ``cost_critic.{l}.weight`` (m, in, out) / ``.bias`` (m, out)."""
+def _critic_tensors(critic: Any, obs_dim: int, act_dim: int, ensemble: int = 1) -> dict[str, np.ndarray]:
+    """An ``EnsembleCritic``'s stacked layers as ``cost_critic.{l}.weight`` (m, in, out) / ``.bias`` (m, out).
+
+    ``ensemble`` = N > 1: the critic holds m·N members (member c·N + i), exported as m members that
+    each compute their N networks' mean (:func:`_ensemble_mean_layers`)."""
     if critic.obs_dim != obs_dim or critic.act_dim != act_dim:
         raise ArtefactError(
             f"the cost critic takes ({critic.obs_dim}, {critic.act_dim}) inputs, the actor ({obs_dim}, {act_dim})"
         )
+    if ensemble < 1 or critic.n_members % ensemble:
+        raise ArtefactError(f"a {critic.n_members}-member cost critic is not {ensemble} members per constraint")
+    weights = [w.detach().cpu().float().numpy() for w in critic.weights]
+    biases = [b.detach().cpu().float().numpy().reshape(b.shape[0], b.shape[2]) for b in critic.biases]
+    if ensemble > 1:
+        weights, biases = _ensemble_mean_layers(weights, biases, ensemble)
     out: dict[str, np.ndarray] = {}
-    for layer, (w, b) in enumerate(zip(critic.weights, critic.biases, strict=True)):
-        out[f"cost_critic.{layer}.weight"] = w.detach().cpu().float().numpy()
-        out[f"cost_critic.{layer}.bias"] = b.detach().cpu().float().numpy().reshape(w.shape[0], w.shape[2])
+    for layer, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        out[f"cost_critic.{layer}.weight"] = w
+        out[f"cost_critic.{layer}.bias"] = b
     return out
+
+
+def _ensemble_mean_layers(
+    weights: list[np.ndarray], biases: list[np.ndarray], n: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """m·N member MLPs (W (m·N, in, out), b (m·N, out) per layer) → m MLPs, each its N members' mean.
+
+    Hidden units of the N members sit side by side: the first layer's columns are concatenated, later
+    hidden layers are block-diagonal (the zero blocks add exact zeros), and the output layer sums the
+    members' last hidden units with weights W_i/N and bias mean_i b_i, i.e. (1/N) Σ_i Q_i. Computed in
+    float64, stored in float32 like every other weight.
+    """
+    last = len(weights) - 1
+    out_w: list[np.ndarray] = []
+    out_b: list[np.ndarray] = []
+    for layer, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        d_in, d_out = w.shape[1], w.shape[2]
+        w = w.astype(np.float64).reshape(-1, n, d_in, d_out)  # (m, N, in, out)
+        b = b.astype(np.float64).reshape(-1, n, d_out)
+        m = w.shape[0]
+        if layer == last:
+            # Inputs: the N members' last hidden units side by side (no hidden layer: the shared input).
+            merged = w.reshape(m, n * d_in, d_out) / n if layer else w.mean(axis=1)
+            bias = b.mean(axis=1)
+        elif layer == 0:  # every member reads the same input: concatenate the output columns
+            merged = w.transpose(0, 2, 1, 3).reshape(m, d_in, n * d_out)
+            bias = b.reshape(m, n * d_out)
+        else:
+            merged = np.zeros((m, n * d_in, n * d_out))
+            for i in range(n):
+                merged[:, i * d_in : (i + 1) * d_in, i * d_out : (i + 1) * d_out] = w[:, i]
+            bias = b.reshape(m, n * d_out)
+        out_w.append(np.ascontiguousarray(merged, dtype=np.float32))
+        out_b.append(np.ascontiguousarray(bias, dtype=np.float32))
+    return out_w, out_b
 
 
 def write_policy_artefact(
@@ -70,7 +120,8 @@ def write_policy_artefact(
 ) -> Path:
     """Export a GaussianActor (+ normaliser, + optionally the cost critics) into ``path`` atomically.
 
-    ``cost_critic``: the learner's cost ``EnsembleCritic`` (one member per constraint), or None.
+    ``cost_critic``: the learner's cost ``EnsembleCritic`` (``config.network.cost_critics`` members per
+    constraint, exported as their mean), or None.
     ``horizon``: the task's episode length T, used to record the per-step thresholds
     c̄ = C·(1 − γ^T)/((1 − γ)·T) that the cost limits mean for Q_c (None: not recorded).
     """
@@ -86,8 +137,9 @@ def write_policy_artefact(
         normalizer_meta.update({"clip": normalizer.clip, "epsilon": normalizer.epsilon, "count": normalizer.count})
     critic_meta = None
     if cost_critic is not None and cost_critic.n_members > 0:
-        tensors.update(_critic_tensors(cost_critic, env.obs_dim, env.act_dim))
-        critic_meta = _critic_meta(cost_critic, config, horizon)
+        ensemble = int(getattr(getattr(config, "network", None), "cost_critics", 1))
+        tensors.update(_critic_tensors(cost_critic, env.obs_dim, env.act_dim, ensemble))
+        critic_meta = _critic_meta(cost_critic, config, horizon, ensemble)
 
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
@@ -120,17 +172,18 @@ def write_policy_artefact(
     return path
 
 
-def _critic_meta(critic: Any, config: Any, horizon: int | None) -> dict[str, Any]:
+def _critic_meta(critic: Any, config: Any, horizon: int | None, ensemble: int = 1) -> dict[str, Any]:
     """policy.json's ``cost_critic`` section: shape, inputs, and what its numbers are measured against."""
     gamma = float(config.algo.gamma)
+    members = int(critic.n_members) // ensemble  # one exported member per constraint
     limits = list(config.constraints.cost_limits)
     thresholds: list[float | None] | None = None
     if horizon is not None:
         from cvpo.thresholds import per_step_threshold  # numpy only
 
         thresholds = [float(c) if np.isfinite(c) else None for c in per_step_threshold(limits, int(horizon), gamma)]
-    return {
-        "members": int(critic.n_members),
+    meta = {
+        "members": members,
         "layers": len(critic.weights),
         "activation": "relu",
         "input": "normalised observation ++ raw action (policy [-1, 1] convention, before clipping)",
@@ -138,9 +191,12 @@ def _critic_meta(critic: Any, config: Any, horizon: int | None) -> dict[str, Any
         "gamma": gamma,
         "horizon": None if horizon is None else int(horizon),
         "per_step_thresholds": thresholds,
-        "cost_signals": list(config.constraints.cost_signals or ("cost",) * int(critic.n_members)),
+        "cost_signals": list(config.constraints.cost_signals or ("cost",) * members),
         "cost_continuation": getattr(config.constraints, "cost_continuation", "sampled"),
     }
+    if ensemble > 1:  # absent for one critic per constraint: that section is as it always was
+        meta["ensemble"] = {"members_per_constraint": ensemble, "exported": "mean"}
+    return meta
 
 
 class PolicyRuntime:

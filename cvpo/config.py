@@ -77,6 +77,11 @@ class ConstraintConfig:
     # a sample, so Q_c (and the E-step constraint) is the cost-to-go of the policy the service serves
     # after one sampled step; "sampled" is CVPO's stochastic-policy cost.
     cost_continuation: str = "sampled"
+    # ``cost_ucb = k ≥ 0``: the E-step scores its sampled actions with the upper confidence bound
+    # Q_c^UCB = mean_i Q_c,i + k·std_i Q_c,i over each constraint's ``network.cost_critics`` members
+    # (population std), so an uncertain cost counts as a higher one; 0 = the members' mean. The cost
+    # critic underestimates on the navigation tasks (docs/safety-margin.md). k > 0 needs ≥ 2 members.
+    cost_ucb: float = 0.0
 
 
 @dataclass
@@ -90,6 +95,10 @@ class NetworkConfig:
     # 2: a reward critic pair combined with a min (the paper's code, §4.3); 1: a single reward critic
     # (FSRL's default, double_critic=False), a third fewer critic FLOPs in the critic step and E-step.
     reward_critics: int = 2
+    # Cost-critic ensemble members per constraint, each trained on its own TD target from its own
+    # target network (diversity from independent init); the E-step combines them per constraint with
+    # ``constraints.cost_ucb``, everything else reads their mean. 1: one critic per constraint (§4.3).
+    cost_critics: int = 1
 
 
 @dataclass
@@ -366,6 +375,11 @@ def validate(c: TrainConfig) -> None:
         "constraints.cost_continuation",
         f"must be sampled or mean, got {k.cost_continuation!r}",
     )
+    _check(
+        k.cost_ucb >= 0 and math.isfinite(k.cost_ucb),
+        "constraints.cost_ucb",
+        f"must be a finite number ≥ 0, got {k.cost_ucb}",
+    )
     if k.curriculum_start is not None:
         _check(
             k.curriculum_start >= 0 and math.isfinite(k.curriculum_start),
@@ -388,6 +402,12 @@ def validate(c: TrainConfig) -> None:
     )
     _check(n.mean_bound is None or n.mean_bound > 0, "network.mean_bound", "must be > 0 or null")
     _check(n.reward_critics in (1, 2), "network.reward_critics", f"must be 1 or 2, got {n.reward_critics}")
+    _check(1 <= n.cost_critics <= 16, "network.cost_critics", f"must be in [1, 16], got {n.cost_critics}")
+    _check(
+        k.cost_ucb == 0 or n.cost_critics >= 2,
+        "constraints.cost_ucb",
+        f"an upper confidence bound needs network.cost_critics ≥ 2 (got {n.cost_critics}), got {k.cost_ucb}",
+    )
 
     a = c.algo
     _check(0 < a.gamma < 1, "algo.gamma", f"must be in (0, 1), got {a.gamma}")

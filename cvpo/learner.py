@@ -56,6 +56,22 @@ def sample_actions_diag(mean: torch.Tensor, std: torch.Tensor, n: int | None = N
     return torch.addcmul(mean, std, z)
 
 
+def combine_cost_members(q: torch.Tensor, members: int, ucb: float = 0.0) -> torch.Tensor:
+    """Cost-critic values (m·N, *S) → per constraint (m, *S): mean_i Q_c,i + ucb·std_i Q_c,i.
+
+    Member c·N + i is constraint c's i-th of N ensemble members (``network.cost_critics``); the std is
+    the population one (ddof 0). N = 1 returns ``q`` itself, so the one-critic engine's numbers are
+    untouched; ``ucb = 0`` is the members' mean.
+    """
+    if members == 1:
+        return q
+    q = q.reshape(-1, members, *q.shape[1:])  # (m, N, *S)
+    mean = q.mean(dim=1)
+    if ucb == 0:
+        return mean
+    return mean + ucb * q.std(dim=1, correction=0)
+
+
 # Learner phases timed when ``Learner.timings`` is a dict (benchmarks); keys are seconds summed.
 TIMED_PHASES = ("critic", "estep_score", "estep_solve", "mstep", "targets")
 
@@ -73,13 +89,16 @@ class Learner:
         self.config = config
         self.device = device
         self.m = config.num_constraints
+        # Cost-critic ensemble members per constraint (member c·N + i) and the E-step's UCB factor k.
+        self.cost_members = n.cost_critics
+        self.cost_ucb = config.constraints.cost_ucb
         self.thresholds = np.asarray(per_step_thresholds, dtype=np.float64)
         self.actor = GaussianActor(
             obs_dim, act_dim, n.actor_hidden, covariance=n.covariance, mean_bound=n.mean_bound
         ).to(device)
         self.actor_old = copy.deepcopy(self.actor).requires_grad_(False)
         self.reward_critic = EnsembleCritic(obs_dim, act_dim, n.reward_critics, n.critic_hidden).to(device)
-        self.cost_critic = EnsembleCritic(obs_dim, act_dim, self.m, n.critic_hidden).to(device)
+        self.cost_critic = EnsembleCritic(obs_dim, act_dim, self.m * self.cost_members, n.critic_hidden).to(device)
         self.reward_target = copy.deepcopy(self.reward_critic).requires_grad_(False)
         self.cost_target = copy.deepcopy(self.cost_critic).requires_grad_(False)
         # Fused Adam: one kernel over all tensors instead of ~10 ops per tensor (3.5× cheaper steps on CPU).
@@ -153,8 +172,15 @@ class Learner:
 
     # ------------------------------------------------------------------ update
 
+    def cost_value(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The current cost critics' Q_c(s, a) per constraint, (m, *S): the ensemble members' mean."""
+        return combine_cost_members(self.cost_critic(obs, action), self.cost_members)
+
     def td_targets(self, b: MinibatchTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """n-step TD targets (y_r (B,), y_c (m, B)): reward min over the pair, cost with no min (§4.3)."""
+        """n-step TD targets (y_r (B,), y_c (m·N, B)): reward min over the pair, cost with no min (§4.3).
+
+        Each cost member bootstraps on its own target network (N members per constraint).
+        """
         a = self.config.algo
         with torch.no_grad():
             nr = self.reward_critic.n_members
@@ -170,18 +196,21 @@ class Learner:
                 if self.clip_actions:
                     next_action, mean_next = next_action.clamp(-1.0, 1.0), mean_next.clamp(-1.0, 1.0)
                 q_r_next = self.reward_target(b.bootstrap_obs, next_action).min(dim=0).values
-                q_c_next = self.cost_target(b.bootstrap_obs, mean_next)  # (m, B)
+                q_c_next = self.cost_target(b.bootstrap_obs, mean_next)  # (m·N, B)
             else:
                 next_action = self._sample(self.actor, b.bootstrap_obs)  # a′ ~ π_θ(·|s′)
                 if self.clip_actions:
                     next_action = next_action.clamp(-1.0, 1.0)
                 q_next = joint_forward((self.reward_target, self.cost_target), b.bootstrap_obs, next_action)
                 q_r_next = q_next[:nr].min(dim=0).values
-                q_c_next = q_next[nr:]  # (m, B)
+                q_c_next = q_next[nr:]  # (m·N, B)
             alive = 1.0 - b.terminated
             y_r = b.reward_return + b.discount * alive * q_r_next
             cost_alive = alive if a.cost_mask == "terminated" else torch.ones_like(alive)
-            y_c = b.cost_return.T + b.discount * cost_alive * q_c_next
+            cost_return = b.cost_return.T  # (m, B)
+            if self.cost_members > 1:  # every member of constraint c sees constraint c's cost
+                cost_return = cost_return.repeat_interleave(self.cost_members, dim=0)
+            y_c = cost_return + b.discount * cost_alive * q_c_next
         return y_r, y_c
 
     def critic_step(self, b: MinibatchTensors) -> dict[str, float]:
@@ -189,7 +218,7 @@ class Learner:
         nr = self.reward_critic.n_members
         y_r, y_c = self.td_targets(b)
         q = joint_forward((self.reward_critic, self.cost_critic), b.obs, b.action)
-        q_r, q_c = q[:nr], q[nr:]  # (reward_critics, B), (m, B)
+        q_r, q_c = q[:nr], q[nr:]  # (reward_critics, B), (m·N, B)
         loss_r = ((q_r - y_r) ** 2).mean(dim=1).sum()
         loss_c = ((q_c - y_c) ** 2).mean(dim=1).sum()
         self.critic_opt.zero_grad(set_to_none=True)
@@ -197,7 +226,7 @@ class Learner:
         self.critic_opt.step()
         return {
             "critic_loss_reward": loss_r.item(),
-            "critic_loss_cost": loss_c.item(),
+            "critic_loss_cost": loss_c.item() / self.cost_members,  # summed over constraints, mean over members
             "q_reward": q_r.mean().item(),
             "q_cost": q_c.mean().item() if self.m else 0.0,
         }
@@ -238,7 +267,9 @@ class Learner:
             if self.clip_actions:  # score and fit what the env would execute (algo.action_box)
                 samples = samples.clamp(-1.0, 1.0)
             q_r = self.reward_target(b.obs, samples).min(dim=0).values  # (K, B)
-            q_c = self.cost_target(b.obs, samples)  # (m, K, B)
+            q_c_members = self.cost_target(b.obs, samples)  # (m·N, K, B)
+            # Per constraint: the members' mean + k·std (constraints.cost_ucb); N = 1: the critic itself.
+            q_c = combine_cost_members(q_c_members, self.cost_members, self.cost_ucb)  # (m, K, B)
         q_r_np = np.ascontiguousarray(q_r.T.cpu().numpy(), dtype=np.float64)  # (B, K)
         q_c_np = np.ascontiguousarray(q_c.transpose(1, 2).cpu().numpy(), dtype=np.float64)  # (m, B, K)
         t = self._tick("estep_score", t)
@@ -311,6 +342,9 @@ class Learner:
         # the mean, and the gap between the two grows with σ.
         std = std_new if self.diag else torch.diagonal(tril_new, dim1=-2, dim2=-1)
         stats["policy_std"] = std.mean().item()
+        if self.cost_members > 1:  # the members' spread on the scored samples; the bound adds k times it
+            spread = q_c_members.reshape(self.m, self.cost_members, *q_c_members.shape[1:]).std(dim=1, correction=0)
+            stats["cost_ensemble_std"] = spread.mean().item()
         for i in range(self.m):
             lam = float(self.cost_multipliers[i])
             stats[f"cost_multiplier_{i}"] = lam

@@ -4,8 +4,9 @@
   Both modes return the lower-triangular Cholesky factor L (Σ = LLᵀ), so the M-step (§3) and the E-step
   sampler handle one representation and take log-dets from diag L (§8.1 P6).
 - :class:`EnsembleCritic`: n independent Q(s, a) MLPs evaluated in one batched matmul. The reward pair is
-  one 2-member ensemble combined with a min; the cost critics are a separate m-member ensemble, one member
-  per constraint, never min-combined (§4.3, §8.1 P7).
+  one 2-member ensemble combined with a min; the cost critics are a separate m·N-member ensemble, N members
+  per constraint (``network.cost_critics``, member c·N + i), never min-combined: their mean, or an upper
+  confidence bound in the E-step (§4.3, §8.1 P7).
 - :func:`polyak_update`: target ← (1 − τ)·target + τ·source (§4.3, §3.4).
 """
 

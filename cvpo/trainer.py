@@ -409,13 +409,14 @@ class Trainer:
         return mean[0].cpu().numpy().astype(np.float64), tril[0].cpu().numpy().astype(np.float64)
 
     def predicted_cost(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
-        """The cost critics' Q_c(s, a) per constraint, shape (m,) (a clipped as the critics were trained)."""
+        """The cost critics' Q_c(s, a) per constraint, shape (m,) (a clipped as the critics were trained;
+        with ``network.cost_critics`` > 1 the members' mean)."""
         if self.config.algo.action_box == "clip":
             action = np.clip(action, -1.0, 1.0)
         with torch.no_grad():
             x = torch.as_tensor(self.normalize(obs), dtype=torch.float32, device=self.device).unsqueeze(0)
             a = torch.as_tensor(action, dtype=torch.float32, device=self.device).unsqueeze(0)
-            return self.learner.cost_critic(x, a)[:, 0].cpu().numpy().astype(np.float64)
+            return self.learner.cost_value(x, a)[:, 0].cpu().numpy().astype(np.float64)
 
     # ------------------------------------------------------------------ epochs
 

@@ -55,7 +55,9 @@ MARGIN = {"constraints": {"margin": 0.1, "margin_control": "integral", "probe_ev
 VALIDATED = {"loop": {**TINY["loop"], "select": "validated", "validation_episodes": 2}}
 # The critics and the M-step see executed (clipped) actions; the mean-action cost continuation on top.
 CLIP = {"algo": {**TINY["algo"], "action_box": "clip"}, "constraints": {"cost_continuation": "mean"}}
-VARIANTS = {"plain": {}, "margin": MARGIN, "validated": VALIDATED, "clip": CLIP}
+# Two cost critics per constraint, each with its own target network, and the E-step's UCB over them.
+ENSEMBLE_UCB = {"network": {**TINY["network"], "cost_critics": 2}, "constraints": {"cost_ucb": 1.0}}
+VARIANTS = {"plain": {}, "margin": MARGIN, "validated": VALIDATED, "clip": CLIP, "ensemble_ucb": ENSEMBLE_UCB}
 
 
 @pytest.mark.slow
@@ -82,6 +84,11 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path, variant: s
     if variant == "clip":  # the replay holds what the env executed, inside the policy's box
         actions = whole.buffer.state_dict(copy=False)["action"]
         assert actions.size and np.abs(actions).max() <= 1.0 and (np.abs(actions) == 1.0).any()
+    if variant == "ensemble_ucb":  # m·N members; the spread the bound adds is logged
+        assert whole.learner.cost_critic.n_members == whole.learner.cost_target.n_members == 2
+        assert all(row["cost_ensemble_std"] > 0 for row in a if row["update_count"])
+    else:
+        assert all("cost_ensemble_std" not in row for row in a)
     if variant == "validated":  # the last epoch's policy is kept beside the validated choice
         fa = (tmp_path / "whole" / "final_policy" / "policy.safetensors").read_bytes()
         assert fa == (tmp_path / "part" / "final_policy" / "policy.safetensors").read_bytes()
