@@ -193,7 +193,7 @@ def test_cli_train_then_eval(tmp_path: Path) -> None:
     run = tmp_path / "demo"
     args = [
         *tiny_train_args(cvpo, "SafetyHalfCheetahVelocity-v1", 1000, run, "loop.steps_per_epoch=1000"),
-        *("--seed", "0", "--set", "loop.warmup_steps=200"),
+        *("--seed", "0", "--set", "loop.warmup_steps=200", "--set", "loop.validation_episodes=2"),
     ]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
