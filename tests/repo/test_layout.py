@@ -1,4 +1,6 @@
 """The import direction of the packages (issue #19): cvpo → core → api | worker → service → bench.
+``cvpo_client`` stands apart: the standard library and NumPy only (issue #20), so users install it without
+torch and the service's dependencies.
 
 The engine is a library that imports nothing of the service; ``core`` holds what the API and the worker
 share; the API and the worker never import each other; only ``service`` (the composition root) sees both.
@@ -25,6 +27,7 @@ FORBIDDEN = {
     "worker": {"api", "service", "bench"},
     "service": {"bench"},
     "bench": {"tests"},  # benchmarks may use every package, never the test suite's helpers
+    "cvpo_client": {"cvpo", "core", "api", "worker", "service", "bench", "tests", "torch", "httpx"},
 }
 
 
@@ -47,7 +50,7 @@ def test_no_import_points_up_or_sideways(package: str) -> None:
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
-@pytest.mark.parametrize("package", ["cvpo", "core"])
+@pytest.mark.parametrize("package", ["cvpo", "core", "cvpo_client"])
 def test_importing_a_lower_package_loads_nothing_above_it(package: str) -> None:
     code = (
         "import importlib, json, pkgutil, sys\n"
@@ -60,6 +63,27 @@ def test_importing_a_lower_package_loads_nothing_above_it(package: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert set(json.loads(out.stdout.splitlines()[-1])) & FORBIDDEN[package] == set()
+
+
+def test_the_client_imports_only_the_standard_library_and_numpy() -> None:
+    """Statically (every import statement) and at run time (a clean interpreter importing it)."""
+    allowed = set(sys.stdlib_module_names) | {"numpy", "cvpo_client", "__future__"}
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(imported_tops(path) - allowed)
+        for path in sorted((ROOT / "cvpo_client").rglob("*.py"))
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+    code = (
+        "import json, sys\n"
+        "before = set(sys.modules)\n"
+        "import cvpo_client\n"
+        "print(json.dumps(sorted({n.split('.')[0] for n in set(sys.modules) - before})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = set(json.loads(out.stdout.splitlines()[-1])) - allowed
+    # NumPy's compiled parts register private top-level modules (``_cython_3_0_8``, ``cython_runtime``).
+    assert {n for n in loaded if not n.startswith(("_", "cython"))} == set()
 
 
 def test_bench_is_a_package_that_never_edits_sys_path() -> None:
