@@ -317,11 +317,11 @@ class Client:
             body["seed"] = seed
         if request_id is not None:
             body["request_id"] = request_id
-        if returns:
+        if returns is not None:
             body["return"] = list(returns)
         doc, headers = self.request("POST", f"/policies/{_quote(policy_id)}/act", body=body, retry_safe=True)
         actions = np.asarray(doc["actions"], dtype=np.float64)
-        if not full and not returns:
+        if not full and returns is None:
             return actions[0] if arr.ndim == 1 else actions
         clipped = np.asarray(doc.get("clipped") or [False] * len(actions), dtype=np.bool_)
         ctg = doc.get("cost_to_go")
