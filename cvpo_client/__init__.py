@@ -1,5 +1,5 @@
 """A typed Python client of the CVPO service's REST API: jobs, metrics, policies, ``/act`` with NumPy
-arrays, evaluations, and problem+json errors as exceptions (README, "Python client").
+arrays, evaluations, aliases, and problem+json errors as exceptions (README, "Python client").
 
 It imports only the standard library and NumPy (``tests/repo/test_layout.py`` checks it), so a
 controller can use it without torch or any of the service's packages.
@@ -20,10 +20,12 @@ from cvpo_client.errors import (
     NotFound,
     WaitTimeout,
 )
-from cvpo_client.models import ActResult, Checkpoint, Evaluation, Job, Policy
+from cvpo_client.models import ActResult, Alias, AliasEvent, Checkpoint, Evaluation, Job, Policy
 
 __all__ = [
     "ActResult",
+    "Alias",
+    "AliasEvent",
     "AuthError",
     "Busy",
     "Checkpoint",

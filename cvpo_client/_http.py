@@ -8,9 +8,10 @@ response) and after some answers (a 401 decided on the headers, a 503 past the c
   it (readable while idle means EOF); if so it is replaced before anything is sent;
 * if a reused connection still fails while sending or before any byte of the answer arrives (the
   close raced the request), the request is sent once more on a new connection, but only when that
-  is harmless (``retry_safe``): reads, ``/act``, cancel, and job submission (which always carries an
-  ``Idempotency-Key``). Promotion and evaluation requests are not resent: a second one could create
-  a second policy or evaluation; they raise ``CvpoConnectionError`` instead.
+  is harmless (``retry_safe``): reads, ``/act``, cancel, an alias's PUT, and job submission (which
+  always carries an ``Idempotency-Key``). Promotions, evaluations and alias rollbacks are not resent:
+  a second one would make a second policy or evaluation, or roll back one step further; they raise
+  ``CvpoConnectionError`` instead.
 
 A lock serialises requests, so a ``Client`` shared between threads is safe but not parallel: give each
 thread its own ``Client`` for concurrent requests.

@@ -21,7 +21,7 @@ from numpy.typing import ArrayLike, NDArray
 from cvpo_client._http import Connection
 from cvpo_client._version import __version__
 from cvpo_client.errors import Busy, WaitTimeout, error_for
-from cvpo_client.models import ActResult, Checkpoint, Evaluation, Job, Policy
+from cvpo_client.models import ActResult, Alias, AliasEvent, Checkpoint, Evaluation, Job, Policy
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 PAGE_SIZE = 100  # the API's largest page for jobs, policies and evaluations
@@ -309,6 +309,18 @@ class Client:
         sample). ``returns=["cost_to_go"]`` (policies with cost critics) or ``full=True`` gives an
         ``ActResult`` instead: actions plus ``clipped``, ``cost_to_go``, ``shield`` and the certified
         header. A wrong width or a non-finite number is an ``InvalidRequest`` naming the row and column."""
+        return self._act(f"/policies/{_quote(policy_id)}/act", obs, deterministic, seed, request_id, returns, full)
+
+    def _act(
+        self,
+        path: str,
+        obs: ArrayLike,
+        deterministic: bool,
+        seed: int | None,
+        request_id: str | None,
+        returns: Sequence[str] | None,
+        full: bool,
+    ) -> NDArray[np.float64] | ActResult:
         arr = np.asarray(obs, dtype=np.float64)
         if arr.ndim not in (1, 2):
             raise ValueError(f"obs must be one observation (1-D) or a batch (2-D), got shape {arr.shape}")
@@ -319,7 +331,7 @@ class Client:
             body["request_id"] = request_id
         if returns is not None:
             body["return"] = list(returns)
-        doc, headers = self.request("POST", f"/policies/{_quote(policy_id)}/act", body=body, retry_safe=True)
+        doc, headers = self.request("POST", path, body=body, retry_safe=True)
         actions = np.asarray(doc["actions"], dtype=np.float64)
         if not full and returns is None:
             return actions[0] if arr.ndim == 1 else actions
@@ -335,13 +347,124 @@ class Client:
             clipped=np.asarray(clipped, dtype=np.bool_),
             cost_to_go=cost_to_go,
             shield=doc.get("shield"),
-            policy_id=doc.get("policy_id", policy_id),
+            policy_id=doc.get("policy_id") or headers.get("x-policy-id", ""),
             artefact_sha256=doc.get("artefact_sha256", ""),
             request_id=doc.get("request_id"),
             deterministic=bool(doc.get("deterministic", deterministic)),
             certified=None if certified is None else certified == "true",
+            alias=doc.get("alias"),
             raw=doc,
         )
+
+    # ------------------------------------------------------------------------------ aliases
+
+    def set_alias(
+        self,
+        name: str,
+        policy_id: str,
+        *,
+        reason: str | None = None,
+        override_reason: str | None = None,
+        client: str | None = None,
+    ) -> Alias:
+        """``PUT /aliases/{name}``: point the alias at a policy, creating it. Only certified policies,
+        unless an admin token gives ``override_reason`` (else a 409 ``Conflict`` with the certificate).
+        ``reason`` goes into the alias's history; ``client`` (admins only) names another client's alias.
+        Pointing it at its current target again changes nothing, so a resend is harmless."""
+        body: dict[str, Any] = {"policy_id": policy_id}
+        if reason is not None:
+            body["reason"] = reason
+        if override_reason is not None:
+            body["override"] = {"reason": override_reason}
+        doc, _ = self.request("PUT", f"/aliases/{_quote(name)}", query={"client": client}, body=body)
+        return Alias.from_dict(doc)
+
+    def alias(self, name: str, client: str | None = None) -> Alias:
+        return Alias.from_dict(self._get(f"/aliases/{_quote(name)}", client=client))
+
+    def aliases(self) -> list[Alias]:
+        """This client's aliases (an admin's token: every client's), newest first (every page)."""
+        return [Alias.from_dict(d) for d in self._pages("/aliases")]
+
+    def alias_history(self, name: str, client: str | None = None) -> list[AliasEvent]:
+        """Every change of the alias's target, newest first (every page)."""
+        return [AliasEvent.from_dict(d) for d in self._pages(f"/aliases/{_quote(name)}/history", client=client)]
+
+    def rollback_alias(
+        self,
+        name: str,
+        *,
+        reason: str | None = None,
+        override_reason: str | None = None,
+        client: str | None = None,
+    ) -> Alias:
+        """``POST /aliases/{name}/rollback``: back to the previous target (A → B → C, rollback → B,
+        rollback → A); a 409 ``Conflict`` when there is none. Not resent after a dropped connection
+        (a second rollback would go one step further)."""
+        body: dict[str, Any] = {}
+        if reason is not None:
+            body["reason"] = reason
+        if override_reason is not None:
+            body["override"] = {"reason": override_reason}
+        doc, _ = self.request(
+            "POST", f"/aliases/{_quote(name)}/rollback", query={"client": client}, body=body, retry_safe=False
+        )
+        return Alias.from_dict(doc)
+
+    @overload
+    def act_alias(
+        self,
+        name: str,
+        obs: ArrayLike,
+        deterministic: bool = True,
+        *,
+        seed: int | None = None,
+        request_id: str | None = None,
+        returns: None = None,
+        full: Literal[False] = False,
+    ) -> NDArray[np.float64]: ...
+
+    @overload
+    def act_alias(
+        self,
+        name: str,
+        obs: ArrayLike,
+        deterministic: bool = True,
+        *,
+        seed: int | None = None,
+        request_id: str | None = None,
+        returns: Sequence[str],
+        full: bool = False,
+    ) -> ActResult: ...
+
+    @overload
+    def act_alias(
+        self,
+        name: str,
+        obs: ArrayLike,
+        deterministic: bool = True,
+        *,
+        seed: int | None = None,
+        request_id: str | None = None,
+        returns: Sequence[str] | None = None,
+        full: Literal[True],
+    ) -> ActResult: ...
+
+    def act_alias(
+        self,
+        name: str,
+        obs: ArrayLike,
+        deterministic: bool = True,
+        *,
+        seed: int | None = None,
+        request_id: str | None = None,
+        returns: Sequence[str] | None = None,
+        full: bool = False,
+    ) -> NDArray[np.float64] | ActResult:
+        """``POST /aliases/{name}/act``: ``act`` on whatever policy the alias points at now (the token
+        needs ``policies:act`` or ``alias:<name>``). ``full=True``: the ``ActResult``'s ``policy_id``
+        names the policy that answered."""
+        return self._act(f"/aliases/{_quote(name)}/act", obs, deterministic, seed, request_id, returns, full)
 
     # ------------------------------------------------------------------------------ evaluations
 

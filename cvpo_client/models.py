@@ -193,4 +193,71 @@ class ActResult:
     request_id: str | None
     deterministic: bool
     certified: bool | None  # the X-Policy-Certified header: false for an override or an old policy
+    alias: str | None  # the alias acted through (``act_alias``), else None
     raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    """One change of an alias's target (``GET /aliases/{name}/history``): who, when, from, to, why."""
+
+    seq: int
+    alias: str
+    action: str  # "set" or "rollback"
+    from_policy_id: str | None  # None when the change created the alias
+    to_policy_id: str
+    version: int
+    actor: dict[str, Any]  # client, token_id, token_name
+    reason: str | None
+    certified: bool
+    override: dict[str, Any] | None
+    at: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AliasEvent:
+        return cls(
+            seq=int(d["seq"]),
+            alias=d.get("alias", ""),
+            action=d.get("action", ""),
+            from_policy_id=d.get("from_policy_id"),
+            to_policy_id=d["to_policy_id"],
+            version=int(d.get("version") or 0),
+            actor=dict(d.get("actor") or {}),
+            reason=d.get("reason"),
+            certified=bool(d.get("certified")),
+            override=d.get("override"),
+            at=d.get("at"),
+            raw=d,
+        )
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A client's name for one of its policies (``GET /aliases/{name}``): controllers act through the
+    name while the target is repointed or rolled back."""
+
+    name: str
+    client: str
+    policy_id: str
+    version: int
+    certified: bool
+    can_roll_back: bool
+    updated_at: str | None
+    last_change: AliasEvent | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Alias:
+        last = d.get("last_change")
+        return cls(
+            name=d["name"],
+            client=d.get("client", ""),
+            policy_id=d["policy_id"],
+            version=int(d.get("version") or 0),
+            certified=bool(d.get("certified")),
+            can_roll_back=bool(d.get("can_roll_back")),
+            updated_at=d.get("updated_at"),
+            last_change=AliasEvent.from_dict(last) if isinstance(last, dict) else None,
+            raw=d,
+        )

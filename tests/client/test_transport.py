@@ -301,3 +301,27 @@ def test_act_sends_numpy_rows_and_shapes_the_answer(client: Client, fake: Fake) 
     assert sent[2]["return"] == ["cost_to_go"] and sent[2]["seed"] == 3 and sent[2]["deterministic"] is False
     with pytest.raises(ValueError, match="1-D"):
         client.act("pol_1", np.zeros((1, 2, 3)))
+
+
+def _alias(version: int, policy_id: str) -> dict[str, Any]:
+    event = {"seq": version, "alias": "prod", "action": "set", "from_policy_id": None, "to_policy_id": policy_id}
+    return {"name": "prod", "client": "c", "policy_id": policy_id, "version": version, "last_change": event}
+
+
+def test_alias_calls_send_what_the_routes_take(client: Client, fake: Fake) -> None:
+    fake.routes["/aliases/prod"] = lambda q, b: ok(_alias(1, json.loads(b)["policy_id"]) if b else _alias(1, "pol_a"))
+    fake.routes["/aliases/prod/rollback"] = lambda q, b: ok(_alias(3, "pol_a"))
+    fake.routes["/aliases/prod/history"] = lambda q, b: ok({"items": [_alias(1, "x")["last_change"]]})
+    alias = client.set_alias("prod", "pol_b", reason="why", override_reason="admin says", client="c")
+    assert alias.policy_id == "pol_b" and alias.last_change is not None and alias.last_change.to_policy_id == "pol_b"
+    _, method, path, _, body = fake.requests[-1]
+    assert (method, path) == ("PUT", "/aliases/prod")
+    assert json.loads(body) == {"policy_id": "pol_b", "reason": "why", "override": {"reason": "admin says"}}
+    assert client.rollback_alias("prod").version == 3 and fake.requests[-1][1:3] == ("POST", "/aliases/prod/rollback")
+    assert json.loads(fake.requests[-1][4]) == {}
+    assert [e.to_policy_id for e in client.alias_history("prod")] == ["x"]
+    # A rollback resent after a drop would go one step further back: it is not resent.
+    fake.vanish.add("/aliases/prod/rollback")
+    with pytest.raises(CvpoConnectionError):
+        client.rollback_alias("prod")
+    assert [r[2] for r in fake.requests].count("/aliases/prod/rollback") == 2
