@@ -277,8 +277,11 @@ def _returns(value: Any) -> bool:
 # ------------------------------------------------------------------------------------------ acting
 
 
-def act(runtime: PolicyRuntime, req: ActRequest, shield: Shield | None, policy_id: str) -> bytes:
-    """Run the policy on a parsed request and return the response body (orjson bytes).
+def act(
+    runtime: PolicyRuntime, req: ActRequest, shield: Shield | None, policy_id: str, alias: str | None = None
+) -> bytes:
+    """Run the policy on a parsed request and return the response body (orjson bytes); ``alias``, when
+    the request came through one, is echoed beside ``policy_id``.
 
     Order (§2.2): normalise → forward (mean or seeded sample) → clip to [-1, 1] → map to
     [low, high] → shield → refuse anything non-finite. Raises ``CorruptPolicyError`` when the
@@ -324,6 +327,8 @@ def act(runtime: PolicyRuntime, req: ActRequest, shield: Shield | None, policy_i
         "request_id": req.request_id,
         "deterministic": req.deterministic,
     }
+    if alias is not None:
+        out["alias"] = alias
     if shield is not None:
         actions, applied, reasons = shield.apply(policy_id, obs, actions, cost_to_go)
     out["actions"], out["clipped"] = actions, clipped
@@ -364,6 +369,10 @@ class LoadedPolicy:
     critic_macs_per_row: int = 0  # and of the cost critics, for requests that return cost_to_go
     # The ``X-Policy-Certified`` header every /act answer carries, built once (policies are immutable).
     certified_header: tuple[bytes, bytes] = (b"x-policy-certified", b"false")
+    id_header: tuple[bytes, bytes] = (b"x-policy-id", b"")  # X-Policy-Id: the policy that answered
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id_header", (b"x-policy-id", self.policy_id.encode("latin-1")))
 
 
 CERTIFIED_HEADERS = {True: (b"x-policy-certified", b"true"), False: (b"x-policy-certified", b"false")}

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from api.act import PolicyCache
+from api.aliasing import AliasResolver
 from api.auth import TokenCache, bootstrap_admin_token
 from api.errors import install_handlers
 from api.hosts import LoopbackOnlyMiddleware, is_loopback
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.tokens = TokenCache(store)
         app.state.policy_cache = PolicyCache(settings)
+        app.state.aliases = AliasResolver(store, settings.alias_ttl_s)
         app.state.queue = _make_queue(settings, store)
         if settings.auth:
             where, created = bootstrap_admin_token(settings, store)
@@ -94,10 +96,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_handlers(app)
 
-    from api.routes import act, dashboard, envs, evaluations, events, health, jobs, metrics, policies
+    from api.routes import act, aliases, dashboard, envs, evaluations, events, health, jobs, metrics, policies
 
     # /act first: routing stops at the first match, and /act is the hot path (api/routes/act.py).
-    for module in (act, policies, health, envs, jobs, events, metrics, evaluations, dashboard):
+    for module in (act, policies, aliases, health, envs, jobs, events, metrics, evaluations, dashboard):
         app.include_router(module.router)
     act_app = act.fast_router()
 

@@ -118,6 +118,29 @@ class PromoteRequest(BaseModel):
     )
 
 
+class AliasTarget(BaseModel):
+    """Point an alias at a policy (``PUT /aliases/{name}``, issue #20)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_id: str = Field(..., min_length=1, max_length=40, description="A certified policy of the alias's client.")
+    reason: str | None = Field(None, max_length=1000, description="Why; kept in the alias's history.")
+    override: OverrideSpec | None = Field(
+        None, description="Admin only: point at a policy that is not certified; needs a reason (as promotion)."
+    )
+
+
+class AliasRollback(BaseModel):
+    """Point an alias back at its previous target (``POST /aliases/{name}/rollback``); the body is optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, max_length=1000, description="Why; kept in the alias's history.")
+    override: OverrideSpec | None = Field(
+        None, description="Admin only: needed when the previous target is not certified."
+    )
+
+
 class EvaluationRequest(BaseModel):
     """An on-demand evaluation of a policy on held-out layouts (``cvpo.certify``)."""
 

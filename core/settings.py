@@ -94,6 +94,10 @@ class Settings:
     # and the projected peak footprint a job spec may have (0 = no quota; refused at submission).
     keep_checkpoints: int = 2  # CVPO_KEEP_CHECKPOINTS
     job_disk_quota_bytes: int = 16 * 1024 * MiB  # CVPO_JOB_DISK_QUOTA_BYTES (16 GiB; suffixes K/M/G/T)
+    # Aliases (issue #20): an API process reuses an alias's target read from the store for this long, so
+    # /act through an alias rarely reads the store; another process may answer with the old target for
+    # up to this long after a repoint (0: read the store on every request).
+    alias_ttl_s: float = 1.0  # CVPO_ALIAS_TTL_S
 
     @property
     def resolved_database_url(self) -> str:
@@ -160,6 +164,7 @@ class Settings:
             restart_backoff_max_s=_num(env, "CVPO_RESTART_BACKOFF_MAX_S", d.restart_backoff_max_s, float, 1),
             keep_checkpoints=int(_num(env, "CVPO_KEEP_CHECKPOINTS", d.keep_checkpoints, int, 1)),
             job_disk_quota_bytes=_bytes(env, "CVPO_JOB_DISK_QUOTA_BYTES", d.job_disk_quota_bytes),
+            alias_ttl_s=_num(env, "CVPO_ALIAS_TTL_S", d.alias_ttl_s, float, 0),
         )
 
 

@@ -39,12 +39,15 @@ def add_service_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="create, list and revoke API tokens",
         description="Manage API tokens in the job store (CVPO_DATA_DIR / DATABASE_URL). A new token is "
         "printed once; only its SHA-256 is stored. Scopes: jobs:read jobs:write policies:read "
-        "policies:act metrics:read admin. A controller gets policies:act only.",
+        "policies:act aliases:write metrics:read admin, and alias:NAME (POST /aliases/NAME/act of the "
+        "client's alias NAME, nothing else). A controller gets policies:act, or alias:NAME only.",
     )
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = tsub.add_parser("create", help="create a token and print it once")
     t.add_argument("--name", required=True, help="who or what uses it, e.g. 'arm-controller-3'")
-    t.add_argument("--scopes", required=True, help="comma-separated scopes, e.g. policies:read,policies:act")
+    t.add_argument(
+        "--scopes", required=True, help="comma-separated scopes, e.g. policies:read,policies:act or alias:production"
+    )
     t.add_argument(
         "--client",
         help="the client whose jobs and policies the token sees (default: a new client of its own); "

@@ -1,5 +1,9 @@
 """``POST /policies/{id}/act``, the controllers' hot path, in one place: its path, the matcher the
 middleware and the shedding protocol use, the handler, its request schema, and how it is mounted.
+``POST /aliases/{name}/act`` (issue #20) is the same path behind one more step: the alias resolves
+to a policy id once per request (api/aliasing.py), and the request is then served exactly as that
+policy's own /act, with the same body limit, in-flight cap and shedding. Every answer names the
+policy that gave it (``policy_id`` in the body, ``X-Policy-Id``).
 
 It is mounted twice: ``fast_router()`` is the one-route Starlette router ``LimitsMiddleware`` calls
 directly for every /act request (no FastAPI dependency or parameter machinery, ~40 µs of a ~250 µs
@@ -19,13 +23,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route, Router
 
 from api.act import CorruptPolicyError, LoadedPolicy, PolicyCache, PolicyNotReadyError, act, parse_act_request
+from api.aliasing import AliasResolver
 from api.auth import authenticate
 from api.errors import Problem, guarded
 from api.routes.policies import NOT_READY_TYPE, _not_found, _not_ready, _problems, _visible
 from api.shield import ShieldSpecError
-from core.store import Principal
+from core.store import ALIAS_NAME, ALIAS_SCOPE_PREFIX, Principal
 
 ACT_PATH = "/policies/{policy_id}/act"
+ALIAS_ACT_PATH = "/aliases/{name}/act"
+ACT_COLLECTIONS = ("policies", "aliases")
 router = APIRouter(tags=["policies"])
 
 # Above these a request's parse or forward pass (~1 ms of CPU) would stall every other connection
@@ -35,11 +42,11 @@ INLINE_MACS = 16_000_000
 
 
 def is_act_path(path: str) -> bool:
-    """Exactly ``/policies/{one segment}/act``. An id holding a slash (``%2F`` decodes to one) has no
-    route in the one-route act router, whose not-found exception nothing there turned into a
-    problem: it was a 500. Such paths go to the main app, which answers 404."""
+    """Exactly ``/policies/{one segment}/act`` or ``/aliases/{one segment}/act``. An id holding a slash
+    (``%2F`` decodes to one) has no route in the act router, whose not-found exception nothing there
+    turned into a problem: it was a 500. Such paths go to the main app, which answers 404."""
     parts = path.split("/")
-    return len(parts) == 4 and parts[1] == "policies" and parts[2] != "" and parts[3] == "act"
+    return len(parts) == 4 and parts[1] in ACT_COLLECTIONS and parts[2] != "" and parts[3] == "act"
 
 
 def act_body_schema(max_batch: int = 1024) -> dict[str, Any]:
@@ -89,7 +96,8 @@ class ShieldReport(BaseModel):
 
 
 class ActAnswer(BaseModel):
-    policy_id: str
+    policy_id: str = Field(..., description="The policy that answered (also in X-Policy-Id)")
+    alias: str | None = Field(None, description="The alias acted through (POST /aliases/{name}/act only)")
     artefact_sha256: str
     request_id: str | None
     deterministic: bool
@@ -103,8 +111,9 @@ class ActAnswer(BaseModel):
     )
 
 
-async def _load(request: Request, policy_id: str, principal: Principal) -> LoadedPolicy:
-    """First request for a policy in this process: look it up, check ownership, load it off the loop."""
+async def _load(request: Request, policy_id: str, principal: Principal, wait: bool = False) -> LoadedPolicy:
+    """First request for a policy in this process: look it up, check ownership, load it off the loop.
+    ``wait``: a load already under way is waited for instead of answered 503 (alias targets)."""
     state = request.app.state
     cache: PolicyCache = state.policy_cache
     policy = await asyncio.to_thread(state.store.get_policy, policy_id)
@@ -113,7 +122,7 @@ async def _load(request: Request, policy_id: str, principal: Principal) -> Loade
     reason = cache.not_ready_reason(policy_id) or (None if policy.ready else "it failed a check earlier")
     if reason is not None:
         raise _not_ready(policy_id, reason)
-    if cache.is_loading(policy_id):
+    if not wait and cache.is_loading(policy_id):
         raise Problem(503, f"policy {policy_id} is loading", headers={"Retry-After": "1"})
     try:
         return await asyncio.to_thread(
@@ -145,6 +154,41 @@ async def act_route(request: Request) -> Response:
         entry = await _load(request, policy_id, principal)
     elif not _visible(entry, principal):
         raise _not_found(policy_id)
+    return await _serve(request, entry)
+
+
+async def alias_act_route(request: Request) -> Response:
+    """Resolve the alias once, then serve from the fully-loaded policy it named at that moment."""
+    name: str = request.path_params["name"]
+    state = request.app.state
+    principal = authenticate(request)
+    if not (principal.allows("policies:act") or ALIAS_SCOPE_PREFIX + name in principal.scopes):
+        raise Problem(
+            403, f"this token lacks the 'policies:act' or 'alias:{name}' scope", type="/problems/missing-scope"
+        )
+    if ALIAS_NAME.fullmatch(name) is None:
+        raise Problem(
+            422,
+            f"alias name {name[:64]!r} does not match {ALIAS_NAME.pattern}",
+            errors=[{"loc": ["path", "name"], "msg": f"must match {ALIAS_NAME.pattern}", "input": name[:64]}],
+        )
+    resolver: AliasResolver = state.aliases
+    known, policy_id = resolver.cached(principal.client, name)
+    if not known:
+        policy_id = await resolver.resolve(principal.client, name)
+    if policy_id is None:
+        raise Problem(404, f"no alias {name!r}")
+    entry = state.policy_cache.lookup(policy_id)
+    if entry is None:
+        target = policy_id
+        entry = await resolver.load_once(target, lambda: _load(request, target, principal, wait=True))
+    return await _serve(request, entry, name)
+
+
+async def _serve(request: Request, entry: LoadedPolicy, alias: str | None = None) -> Response:
+    """The request answered by ``entry`` alone (one loaded, immutable policy, whatever happens meanwhile)."""
+    state = request.app.state
+    policy_id = entry.policy_id
     body = await request.body()
     runtime, max_batch = entry.runtime, state.settings.max_batch
     try:
@@ -152,12 +196,12 @@ async def act_route(request: Request) -> Response:
             req = parse_act_request(body, runtime.obs_dim, max_batch)
             macs = entry.macs_per_row + (entry.critic_macs_per_row if req.cost_to_go else 0)
             if req.observations.shape[0] * macs <= INLINE_MACS:
-                out = act(runtime, req, entry.shield, policy_id)
+                out = act(runtime, req, entry.shield, policy_id, alias)
             else:
-                out = await run_in_threadpool(act, runtime, req, entry.shield, policy_id)
+                out = await run_in_threadpool(act, runtime, req, entry.shield, policy_id, alias)
         else:
             req = await run_in_threadpool(parse_act_request, body, runtime.obs_dim, max_batch)
-            out = await run_in_threadpool(act, runtime, req, entry.shield, policy_id)
+            out = await run_in_threadpool(act, runtime, req, entry.shield, policy_id, alias)
     except CorruptPolicyError as exc:
         state.policy_cache.mark_not_ready(policy_id, str(exc))
         await asyncio.to_thread(state.store.set_policy_ready, policy_id, False)
@@ -165,15 +209,25 @@ async def act_route(request: Request) -> Response:
             500, "the policy produced a non-finite action; it is now marked not ready", type="/problems/corrupt-policy"
         ) from exc
     response = Response(out, media_type="application/json")
-    response.raw_headers.append(entry.certified_header)  # X-Policy-Certified, prebuilt per policy
+    # X-Policy-Certified and X-Policy-Id, prebuilt per policy.
+    response.raw_headers.extend((entry.certified_header, entry.id_header))
     return response
 
 
-# Two registrations of the same endpoint. The plain Starlette route comes first and serves every
+# Two registrations of each endpoint. The plain Starlette route comes first and serves every
 # request: it skips FastAPI's per-request dependency and parameter machinery (~40 µs of a ~250 µs
 # request, §2.5). The APIRoute after it is never reached but documents the operation in OpenAPI;
 # were the order ever lost, it would serve identically, since the handler reads only the Request.
+ANSWER_HEADERS = {
+    "X-Policy-Certified": {
+        "description": "true when the policy's certificate certified it; false for an admin's "
+        "override or a policy without a certificate",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    },
+    "X-Policy-Id": {"description": "The policy that answered", "schema": {"type": "string"}},
+}
 router.add_route(ACT_PATH, act_route, methods=["POST"], include_in_schema=False)
+router.add_route(ALIAS_ACT_PATH, alias_act_route, methods=["POST"], include_in_schema=False)
 router.add_api_route(
     ACT_PATH,
     act_route,
@@ -184,16 +238,7 @@ router.add_api_route(
     response_model=ActAnswer,
     response_model_exclude_none=True,
     responses={
-        200: {
-            "description": "Actions",
-            "headers": {
-                "X-Policy-Certified": {
-                    "description": "true when the policy's certificate certified it; false for an admin's "
-                    "override or a policy without a certificate",
-                    "schema": {"type": "string", "enum": ["true", "false"]},
-                }
-            },
-        },
+        200: {"description": "Actions", "headers": ANSWER_HEADERS},
         **_problems(400, 401, 403, 404, 413, 415, 422, 429, 500, 503),
     },
     openapi_extra={
@@ -202,8 +247,40 @@ router.add_api_route(
         "requestBody": {"required": True, "content": {"application/json": {"schema": act_body_schema()}}},
     },
 )
+router.add_api_route(
+    ALIAS_ACT_PATH,
+    alias_act_route,
+    methods=["POST"],
+    tags=["aliases"],
+    summary="Actions from the policy an alias points at",
+    description="Resolves the alias (cached per API process for CVPO_ALIAS_TTL_S), then answers exactly as "
+    "POST /policies/{policy_id}/act of that policy; policy_id and X-Policy-Id name the policy that answered. "
+    "Needs policies:act, or the token's alias:{name} scope.",
+    response_model=ActAnswer,
+    response_model_exclude_none=True,
+    responses={
+        200: {"description": "Actions", "headers": ANSWER_HEADERS},
+        **_problems(400, 401, 403, 404, 413, 415, 422, 429, 500, 503),
+    },
+    openapi_extra={
+        "parameters": [
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": f"^{ALIAS_NAME.pattern}$"},
+            }
+        ],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": act_body_schema()}}},
+    },
+)
 
 
 def fast_router() -> Router:
-    """The one-route router LimitsMiddleware hands /act requests to (errors become problems via guarded)."""
-    return Router(routes=[Route(ACT_PATH, guarded(act_route), methods=["POST"])])
+    """The router LimitsMiddleware hands /act requests to (errors become problems via guarded)."""
+    return Router(
+        routes=[
+            Route(ACT_PATH, guarded(act_route), methods=["POST"]),
+            Route(ALIAS_ACT_PATH, guarded(alias_act_route), methods=["POST"]),
+        ]
+    )

@@ -19,17 +19,28 @@ One module per aggregate (issue #19), composed here into the facade ``Store``:
 - ``history``: events, logs and metric history;
 - ``artefacts``: checkpoints, disk usage, policy registration, evaluations;
 - ``auth_tokens``: tokens, ``Principal`` and ``SCOPES``;
-- ``registry``: the worker registry and the ``kv`` table.
+- ``registry``: the worker registry and the ``kv`` table;
+- ``alias_store``: aliases, their history, repoint and rollback (issue #20).
 
 Promotion (pick → verify → copy → register) is core/promotion.py's; the store only registers. Every
 name is importable from ``core.store`` as it was before the split (module names differ from the table
-names ``jobs``, ``events``, ``tokens`` and ``workers`` so that ``from core.store import jobs`` is a table).
+names ``jobs``, ``events``, ``tokens``, ``workers`` and ``aliases`` so that ``from core.store import jobs``
+is a table).
 """
 
 from __future__ import annotations
 
+from core.store.alias_store import (
+    ALIAS_NAME,
+    Actor,
+    AliasEventRecord,
+    AliasRecord,
+    AliasStoreMixin,
+    NotCertifiedError,
+    NothingToRollBackError,
+)
 from core.store.artefacts import ArtefactsMixin
-from core.store.auth_tokens import SCOPES, Principal, TokensMixin, hash_token
+from core.store.auth_tokens import ALIAS_SCOPE_PREFIX, SCOPES, Principal, TokensMixin, hash_token, valid_scope
 from core.store.history import EVENTS_KEPT, HistoryMixin
 from core.store.records import (
     ACTIVE,
@@ -59,6 +70,7 @@ from core.store.records import (
 from core.store.registry import WORKERS_KEPT_S, RegistryMixin
 from core.store.schema import (
     EVAL_STATUSES,
+    LOCK_ALIASES,
     LOCK_CREATE_JOB,
     LOCK_SCHEMA,
     LOCK_TOKENS,
@@ -71,6 +83,8 @@ from core.store.schema import (
     _schema_lock,
     _serialize,
     _upsert,
+    alias_events,
+    aliases,
     checkpoints,
     evaluations,
     events,
@@ -88,17 +102,22 @@ from core.store.state_machine import TRANSITIONS, StateMachineMixin, _owned_by
 from core.store.submission import IDEMPOTENCY_TTL_S, SubmissionMixin
 
 
-class Store(SubmissionMixin, StateMachineMixin, HistoryMixin, ArtefactsMixin, TokensMixin, RegistryMixin):
-    """All reads and writes of jobs, metrics, checkpoints, policies, events, keys and tokens."""
+class Store(
+    SubmissionMixin, StateMachineMixin, HistoryMixin, ArtefactsMixin, TokensMixin, RegistryMixin, AliasStoreMixin
+):
+    """All reads and writes of jobs, metrics, checkpoints, policies, aliases, events, keys and tokens."""
 
 
 __all__ = [
     "ACTIVE",
+    "ALIAS_NAME",
+    "ALIAS_SCOPE_PREFIX",
     "EVAL_STATUSES",
     "EVENTS_KEPT",
     "FAILURE_REASONS",
     "IDEMPOTENCY_TTL_S",
     "LEASED",
+    "LOCK_ALIASES",
     "LOCK_CREATE_JOB",
     "LOCK_SCHEMA",
     "LOCK_TOKENS",
@@ -108,6 +127,9 @@ __all__ = [
     "TERMINAL",
     "TRANSITIONS",
     "WORKERS_KEPT_S",
+    "Actor",
+    "AliasEventRecord",
+    "AliasRecord",
     "BigInt",
     "CapExceededError",
     "CheckpointRecord",
@@ -115,7 +137,9 @@ __all__ = [
     "EvaluationRecord",
     "IdempotencyMismatchError",
     "JobRecord",
+    "NotCertifiedError",
     "NotFoundError",
+    "NothingToRollBackError",
     "PolicyRecord",
     "Principal",
     "Store",
@@ -134,6 +158,8 @@ __all__ = [
     "_schema_lock",
     "_serialize",
     "_upsert",
+    "alias_events",
+    "aliases",
     "checkpoints",
     "decode_cursor",
     "evaluations",
@@ -149,5 +175,6 @@ __all__ = [
     "policies",
     "rfc3339",
     "tokens",
+    "valid_scope",
     "workers",
 ]

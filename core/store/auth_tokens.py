@@ -1,6 +1,10 @@
 """API tokens and who they make the caller: the token table's operations (only a SHA-256 is stored),
 the ``Principal`` a token resolves to and the ``SCOPES`` it may hold. api/auth.py turns a request's
-bearer token into a ``Principal`` through ``lookup_token``."""
+bearer token into a ``Principal`` through ``lookup_token``.
+
+Besides ``SCOPES`` a token may hold ``alias:<name>`` scopes (issue #20): each lets it call
+``POST /aliases/<name>/act`` of its client's alias of that name, and nothing else, so a controller's
+token follows what the alias points at without ever naming a policy."""
 
 from __future__ import annotations
 
@@ -14,11 +18,20 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from core.store.alias_store import ALIAS_NAME
 from core.store.base import StoreBase
 from core.store.records import new_id, rfc3339
 from core.store.schema import LOCK_TOKENS, _serialize, tokens
 
-SCOPES = ("jobs:read", "jobs:write", "policies:read", "policies:act", "metrics:read", "admin")
+SCOPES = ("jobs:read", "jobs:write", "policies:read", "policies:act", "aliases:write", "metrics:read", "admin")
+ALIAS_SCOPE_PREFIX = "alias:"  # alias:<name>: POST /aliases/<name>/act only
+
+
+def valid_scope(scope: str) -> bool:
+    """One of ``SCOPES``, or ``alias:<name>`` with a valid alias name."""
+    if scope.startswith(ALIAS_SCOPE_PREFIX):
+        return ALIAS_NAME.fullmatch(scope[len(ALIAS_SCOPE_PREFIX) :]) is not None
+    return scope in SCOPES
 
 
 def hash_token(raw: str) -> str:
@@ -31,6 +44,8 @@ class Principal:
 
     client: str
     scopes: frozenset[str] = field(default_factory=frozenset)
+    token_id: str | None = None  # who, in an alias's history (None: auth off, anonymous)
+    token_name: str | None = None
 
     @property
     def admin(self) -> bool:
@@ -85,9 +100,12 @@ class TokensMixin(StoreBase):
         if expires_at is not None and not (math.isfinite(expires_at) and expires_at > time.time()):
             raise ValueError("the expiry must be a finite time in the future")
         scopes = list(scopes)
-        unknown = set(scopes) - set(SCOPES)
+        unknown = {s for s in scopes if not valid_scope(s)}
         if unknown or not scopes:
-            raise ValueError(f"unknown or no scopes {sorted(unknown)}; valid: {list(SCOPES)}")
+            raise ValueError(
+                f"unknown or no scopes {sorted(unknown)}; valid: {list(SCOPES)} and alias:<name> "
+                "(an alias name: lowercase letters, digits, '.', '_' and '-', 1 to 63, starting with a letter or digit)"
+            )
         if client is not None and not client.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"client {client!r}: use letters, digits, '-' and '_'")
         # PostgreSQL enforces VARCHAR lengths (SQLite does not): too long is a clear error, not a DataError.
@@ -124,4 +142,4 @@ class TokensMixin(StoreBase):
             # token cache (api/auth.py) may keep an earlier hit for its short TTL past the expiry.
             unexpired = sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > time.time())
             row = c.execute(sa.select(tokens).where(tokens.c.sha256 == digest, unexpired)).first()
-        return Principal(row.client, frozenset(row.scopes)) if row else None
+        return Principal(row.client, frozenset(row.scopes), row.id, row.name) if row else None

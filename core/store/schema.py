@@ -192,6 +192,44 @@ workers = sa.Table(
     sa.Column("stopped_at", sa.Float),
 )
 
+# Aliases (issue #20): a client's stable name for one of its policies (``production``, ``arm-3``) that
+# controllers act through, and every change of its target, newest last. ``head_seq`` is the event that
+# made the current target (its ``parent_seq`` chain is the rollback stack: core/store/alias_store.py).
+aliases = sa.Table(
+    "aliases",
+    metadata,
+    sa.Column("seq", BigInt, primary_key=True, autoincrement=True),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("policy_id", sa.String(40), nullable=False),
+    sa.Column("version", BigInt, nullable=False),
+    sa.Column("head_seq", BigInt, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("client", "name", name="uq_aliases_client_name"),
+)
+
+alias_events = sa.Table(
+    "alias_events",
+    metadata,
+    sa.Column("seq", BigInt, primary_key=True, autoincrement=True),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Column("alias", sa.String(63), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),  # "set" or "rollback"
+    sa.Column("from_policy", sa.String(40)),  # null when the alias was created
+    sa.Column("to_policy", sa.String(40), nullable=False),
+    sa.Column("version", BigInt, nullable=False),
+    sa.Column("parent_seq", BigInt),  # the event a rollback from this one returns to; null: none
+    sa.Column("actor", sa.String(64), nullable=False),  # the caller's client
+    sa.Column("actor_token", sa.String(40)),  # and token id and name (null for the local admin)
+    sa.Column("actor_name", sa.String(200)),
+    sa.Column("reason", sa.String(1000)),
+    sa.Column("certified", sa.Boolean, nullable=False),  # the target's certificate certified it
+    sa.Column("override_reason", sa.String(1000)),  # an admin pointed it at an uncertified policy: why
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Index("ix_alias_events_client_alias_seq", "client", "alias", "seq"),
+)
+
 kv = sa.Table(
     "kv",
     metadata,
@@ -206,6 +244,7 @@ READ_ONLY = "cvpo_read_only"  # execution option of Store._read's connections: a
 LOCK_CREATE_JOB = 0x6376706F_0001
 LOCK_TOKENS = 0x6376706F_0002
 LOCK_SCHEMA = 0x6376706F_0003
+LOCK_ALIASES = 0x6376706F_0004
 
 
 def _serialize(c: Connection, key: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,17 @@ class Served:
     def auth(self, role: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
 
-    def register(self, name: str, owner: str = "owner", shield: dict[str, Any] | None = None, **kw: Any) -> str:
+    def register(
+        self, name: str, owner: str = "owner", shield: dict[str, Any] | None = None, certified: bool = False, **kw: Any
+    ) -> str:
+        """A random-weight policy of ``owner``'s client; ``certified``: with a certificate that certifies it."""
         kw = {"obs_dim": OBS_DIM, "act_low": LOW, "act_high": HIGH} | kw
         artefact = write_random_artefact(self.root / name, **kw)
-        policy = create_policy_from_artefact(self.store, artefact, self.ids[owner], shield=shield, job_id=f"job_{name}")
+        sha = json.loads((artefact / "policy.json").read_text())["weights_sha256"]
+        cert = {"certified": True, "artefact_sha256": sha, "episodes": 30, "constraints": []} if certified else None
+        policy = create_policy_from_artefact(
+            self.store, artefact, self.ids[owner], shield=shield, job_id=f"job_{name}", certificate=cert
+        )
         self.policies[name] = policy.id
         return policy.id
 

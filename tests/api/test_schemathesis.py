@@ -28,19 +28,57 @@ OPERATIONS = [
     ("/policies/{policy_id}/act", "POST", INVALID, 150),
     ("/policies/{policy_id}/export", "GET", VALID, 20),
     ("/policies/{policy_id}/export", "GET", INVALID, 20),
+    ("/aliases", "GET", VALID, 20),
+    ("/aliases", "GET", INVALID, 20),
+    ("/aliases/{name}", "GET", VALID, 20),
+    ("/aliases/{name}", "GET", INVALID, 20),
+    ("/aliases/{name}", "PUT", VALID, 40),
+    ("/aliases/{name}", "PUT", INVALID, 40),
+    ("/aliases/{name}/history", "GET", VALID, 20),
+    ("/aliases/{name}/history", "GET", INVALID, 20),
+    ("/aliases/{name}/rollback", "POST", VALID, 30),
+    ("/aliases/{name}/rollback", "POST", INVALID, 30),
+    ("/aliases/{name}/act", "POST", VALID, 60),
+    ("/aliases/{name}/act", "POST", INVALID, 60),
 ]
+DEEP = 80  # changes of the "deep" alias made up front, so generated rollbacks have targets to return to
+
+
+@pytest.fixture(scope="module")
+def aliased(served: Served) -> Served:
+    """Two certified policies of the admin's client and an alias "deep" that alternated between them."""
+    served.ids["admin"] = "admin"
+    for name in ("adm-a", "adm-b"):
+        served.register(name, owner="admin", certified=True, seed=20 + len(name))
+    for k in range(DEEP):
+        pid = served.policies["adm-a" if k % 2 == 0 else "adm-b"]
+        assert served.client.put("/aliases/deep", json={"policy_id": pid}).status_code in (200, 201)
+    return served
 
 
 @pytest.mark.parametrize(
     ("path", "method", "mode", "examples"), OPERATIONS, ids=[f"{m} {p} {g.value}" for p, m, g, _ in OPERATIONS]
 )
 def test_policy_routes_conform_and_never_fail(
-    served: Served, path: str, method: str, examples: int, mode: GenerationMode
+    aliased: Served, path: str, method: str, examples: int, mode: GenerationMode
 ) -> None:
+    served = aliased
     schema = schemathesis.openapi.from_asgi("/openapi.json", served.client.app)
     operation = schema[path][method]
     headers = {"Authorization": f"Bearer {ADMIN}"}
     strategies = [operation.as_strategy(mode, headers=headers)]
+    if "{name}" in path:  # an alias that exists, whose rollbacks have somewhere to go
+        strategies.append(operation.as_strategy(mode, headers=headers, path_parameters={"name": "deep"}))
+    if "{name}" in path and mode is VALID:  # requests that reach the 2xx path (no foreign ?client=)
+        known = {"name": "deep"}
+        if method == "PUT":
+            body = {"policy_id": served.policies["adm-b"]}
+            strategies.append(operation.as_strategy(mode, headers=headers, body=body, query={}))
+        elif path.endswith("/act"):
+            body = {"observations": [[0.5] * OBS_DIM]}
+            strategies.append(operation.as_strategy(mode, headers=headers, path_parameters=known, body=body))
+        else:
+            strategies.append(operation.as_strategy(mode, headers=headers, path_parameters=known, query={}))
     if "{policy_id}" in path:  # random ids only reach the 404 branch; real ones reach the policy
         strategies += [
             operation.as_strategy(mode, headers=headers, path_parameters={"policy_id": served.policies[name]})
