@@ -1,7 +1,8 @@
 """``cvpo_client`` against a live service: ``cvpo api`` on loopback, a real Redis and a real Celery
 worker training a tiny job (tests/conftest.py's TINY_SPEC). Submit → wait (progress callback) →
-metrics rows → promote → act (one observation and a batch) → evaluation, an error of each class, and
-README's "Python client" example run as written (its job shrunk to the tiny one)."""
+metrics rows → promote → act (one observation and a batch) → evaluation, aliases (point, act through,
+history, roll back), an error of each class, and README's "Python client" example run as written (its
+job shrunk to the tiny one)."""
 
 from __future__ import annotations
 
@@ -176,3 +177,40 @@ def test_the_readme_example_runs(live: Live, trained: tuple[Job, list[Job]], mon
     assert scope["job"].id == trained[0].id and scope["job"].status == "succeeded"
     policy = scope["policy"]
     assert scope["action"].shape == (policy.act_dim,) and scope["actions"].shape[1] == policy.act_dim
+
+
+def test_aliases_point_act_record_and_roll_back(client: Client, live: Live, trained: tuple[Job, list[Job]]) -> None:
+    job = trained[0]
+    best = job.policy_id or ""
+    final = client.promote(job.id, "final")  # a second certified policy to repoint to
+    created = client.set_alias("production", best, reason="first rollout")
+    assert (created.name, created.policy_id, created.version, created.certified) == ("production", best, 1, True)
+    assert created.last_change is not None and created.last_change.from_policy_id is None
+
+    obs = np.random.default_rng(1).normal(0, 3, size=(4, final.obs_dim))
+    np.testing.assert_array_equal(client.act_alias("production", obs), client.act(best, obs))
+    through = client.act_alias("production", obs[0], full=True)
+    assert through.alias == "production" and through.policy_id == best and through.actions.shape == (final.act_dim,)
+
+    moved = client.set_alias("production", final.id, reason="final epoch")
+    assert moved.policy_id == final.id and moved.version == 2 and moved.can_roll_back
+    assert client.act_alias("production", obs, full=True).policy_id == final.id
+    assert client.alias("production") == moved and "production" in {a.name for a in client.aliases()}
+    history = client.alias_history("production")
+    assert [(e.from_policy_id, e.to_policy_id, e.reason) for e in history] == [
+        (best, final.id, "final epoch"),
+        (None, best, "first rollout"),
+    ]
+    assert history[0].actor["client"] == "admin" and history[0].action == "set"
+
+    back = client.rollback_alias("production", reason="regression")
+    assert back.policy_id == best and back.version == 3
+    assert client.alias_history("production")[0].action == "rollback"
+
+    with pytest.raises(Conflict) as uncertified:  # the synthetic policy carries no certificate
+        client.set_alias("production", live.policy_id)
+    assert uncertified.value.type == "/problems/not-certified" and client.alias("production").policy_id == best
+    with pytest.raises(NotFound):
+        client.alias("no-such-alias")
+    with pytest.raises(NotFound):
+        client.act_alias("no-such-alias", obs)
