@@ -7,7 +7,8 @@ some moment no earlier than ``ttl_s`` before the request began: that is the boun
 API process may keep answering with the old target after a repoint (0 reads the store every time,
 and the target is then one the alias had during the request). A process that repoints or rolls back
 an alias itself (``put``) answers with the new target at once. Expired entries are re-read by one
-store read per alias, shared by every request waiting for it, on a thread: never on the event loop.
+store read per alias, shared by every request waiting for it (with 0, each request reads on its own),
+on a thread: never on the event loop.
 
 A request resolves once, then serves entirely from the ``LoadedPolicy`` the per-process policy cache
 holds (api/act.py), which only ever holds fully-loaded, checked policies. A repoint therefore swaps
@@ -51,11 +52,14 @@ class AliasResolver:
         known, policy_id = self.cached(client, name)
         if known:
             return policy_id
+        loop = asyncio.get_running_loop()
+        if self.ttl_s <= 0:  # a read of its own: one already under way may have started before this request
+            return await loop.run_in_executor(None, self.store.resolve_alias, client, name)
         key = (client, name)
         future = self._pending.get(key)
         if future is None:
             started, generation = time.monotonic(), self._generation.get(key, 0)
-            future = asyncio.get_running_loop().run_in_executor(None, self._read, key, started, generation)
+            future = loop.run_in_executor(None, self._read, key, started, generation)
             self._pending[key] = future
             future.add_done_callback(lambda _f: self._pending.pop(key, None))
         return await asyncio.shield(future)
