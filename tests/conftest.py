@@ -50,6 +50,10 @@ TINY_SPEC: dict[str, Any] = {
         "warmup_steps": 0,
         "buffer_size": 5000,
         "torch_threads": 1,
+        # The circle preset serves a validated epoch (10 validation episodes per epoch); these jobs test
+        # the service around training, so they serve the last epoch and stay fast. The validated path
+        # has its own tests (tests/cvpo/test_trainer.py, tests/worker/test_certification.py).
+        "loop.select": "final",
     },
 }
 
