@@ -164,7 +164,7 @@ async def alias_act_route(request: Request) -> Response:
     principal = authenticate(request)
     if not (principal.allows("policies:act") or ALIAS_SCOPE_PREFIX + name in principal.scopes):
         raise Problem(
-            403, f"this token lacks the 'policies:act' or 'alias:{name}' scope", type="/problems/missing-scope"
+            403, f"this token lacks the 'policies:act' or 'alias:{name[:64]}' scope", type="/problems/missing-scope"
         )
     if ALIAS_NAME.fullmatch(name) is None:
         raise Problem(
