@@ -28,7 +28,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -38,6 +38,9 @@ from api.errors import Problem
 from api.shield import Shield, ShieldHook, build_shield, load_hooks
 from cvpo.artefact import META_FILE, ArtefactError, PolicyRuntime, load_policy
 from cvpo.envs.wrappers import scale_action
+
+if TYPE_CHECKING:  # the store's record type only; /act's module needs nothing of the store at run time
+    from core.store import PolicyRecord
 
 log = logging.getLogger("cvpo.api")
 
@@ -434,6 +437,18 @@ class PolicyCache:
 
     def not_ready_reason(self, policy_id: str) -> str | None:
         return self._not_ready.get(policy_id)
+
+    def get_record(self, policy: PolicyRecord) -> LoadedPolicy:
+        """:meth:`get` for a policy as the store records it (its path, shield, hashes, owner)."""
+        return self.get(
+            policy.id,
+            policy.path,
+            policy.shield,
+            sha256=policy.sha256,
+            client=policy.client,
+            certified=bool(policy.certified),
+            meta_sha256=policy.meta_sha256,
+        )
 
     def get(
         self,

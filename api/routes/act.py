@@ -125,16 +125,7 @@ async def _load(request: Request, policy_id: str, principal: Principal, wait: bo
     if not wait and cache.is_loading(policy_id):
         raise Problem(503, f"policy {policy_id} is loading", headers={"Retry-After": "1"})
     try:
-        return await asyncio.to_thread(
-            cache.get,
-            policy_id,
-            policy.path,
-            policy.shield,
-            sha256=policy.sha256,
-            client=policy.client,
-            certified=bool(policy.certified),
-            meta_sha256=policy.meta_sha256,
-        )
+        return await asyncio.to_thread(cache.get_record, policy)
     except PolicyNotReadyError as exc:
         await asyncio.to_thread(state.store.set_policy_ready, policy_id, False)
         raise _not_ready(policy_id, str(exc)) from exc

@@ -215,15 +215,7 @@ def _warm(request: Request, client: str, policy_id: str, override: str | None) -
         raise _refused(NotCertifiedError(policy_id, policy.certificate))
     cache = request.app.state.policy_cache
     try:
-        cache.get(
-            policy_id,
-            policy.path,
-            policy.shield,
-            sha256=policy.sha256,
-            client=policy.client,
-            certified=bool(policy.certified),
-            meta_sha256=policy.meta_sha256,
-        )
+        cache.get_record(policy)
     except PolicyNotReadyError as exc:
         store.set_policy_ready(policy_id, False)
         raise Problem(409, f"policy {policy_id} cannot be served: {exc}") from exc
