@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from core.store.base import StoreBase
-from core.store.records import ConflictError, NotFoundError, _encode_cursor, decode_cursor
+from core.store.records import ConflictError, NotFoundError
 from core.store.schema import LOCK_ALIASES, _serialize, alias_events, aliases, policies
 
 ALIAS_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # lowercase: names are compared exactly
@@ -129,16 +129,7 @@ class AliasStoreMixin(StoreBase):
         self, client: str | None, page_size: int = 50, page_token: str | None = None
     ) -> tuple[list[AliasRecord], str | None]:
         """One client's aliases (all for None), newest first, by cursor."""
-        q = _joined()
-        if client is not None:
-            q = q.where(aliases.c.client == client)
-        cursor = decode_cursor(page_token)
-        if cursor is not None:
-            q = q.where(aliases.c.seq < cursor)
-        with self._read() as c:
-            rows = c.execute(q.order_by(aliases.c.seq.desc()).limit(page_size + 1)).all()
-        items = [_alias(r) for r in rows[:page_size]]
-        return items, (_encode_cursor(items[-1].seq) if len(rows) > page_size and items else None)
+        return self._page(aliases, _alias, {"client": client}, page_size, page_token, query=_joined())
 
     def alias_history(
         self, client: str, name: str, page_size: int = 50, page_token: str | None = None

@@ -46,10 +46,17 @@ class StoreBase:
             return False
 
     def _page(
-        self, table: sa.Table, convert: Any, filters: dict[str, Any], page_size: int, page_token: str | None
+        self,
+        table: sa.Table,
+        convert: Any,
+        filters: dict[str, Any],
+        page_size: int,
+        page_token: str | None,
+        query: sa.Select | None = None,
     ) -> tuple[list[Any], str | None]:
-        """Newest first by ``seq``; equality filters skip None; the token is the last seq returned."""
-        q = sa.select(table)
+        """Newest first by ``table.seq``; equality filters skip None; the token is the last seq returned.
+        ``query`` replaces ``select(table)`` where rows need more than the table (e.g. a join)."""
+        q = sa.select(table) if query is None else query
         for column, value in filters.items():
             if value is not None:
                 q = q.where(table.c[column] == value)
