@@ -152,6 +152,11 @@ def validation_problem(errors: Sequence[dict[str, Any]], detail: str | None = No
     return Problem(422, detail, errors=cleaned)
 
 
+def page_token_problem(exc: ValueError, page_token: str | None) -> Problem:
+    """The 422 every list route gives for a page token the store cannot decode."""
+    return validation_problem([{"loc": ["query", "page_token"], "msg": str(exc), "input": page_token}])
+
+
 def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     """The same problem+json mapping for an endpoint served outside FastAPI's exception middleware."""
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from api.act import PolicyNotReadyError
 from api.auth import owner_filter, require
-from api.errors import Problem, validation_problem
+from api.errors import Problem, page_token_problem
 from api.routes import json_response, store_of
 from api.routes.policies import PROBLEM_SCHEMA
 from api.schemas import AliasRollback, AliasTarget
@@ -241,7 +241,7 @@ def list_aliases(
     try:
         items, token = store_of(request).list_aliases(owner_filter(principal), page_size, page_token)
     except ValueError as exc:
-        raise validation_problem([{"loc": ["query", "page_token"], "msg": str(exc), "input": page_token}]) from exc
+        raise page_token_problem(exc, page_token) from exc
     return json_response({"items": [alias_resource(a) for a in items], "next_page_token": token})
 
 
@@ -308,7 +308,7 @@ def alias_history(
     try:
         items, token = store.alias_history(namespace, name, page_size, page_token)
     except ValueError as exc:
-        raise validation_problem([{"loc": ["query", "page_token"], "msg": str(exc), "input": page_token}]) from exc
+        raise page_token_problem(exc, page_token) from exc
     return json_response({"items": [event_resource(e) for e in items], "next_page_token": token})
 
 

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from api.auth import require
-from api.errors import Problem, validation_problem
+from api.errors import Problem, page_token_problem, validation_problem
 from api.routes import json_response, store_of
 from api.routes.policies import _get_visible
 from api.schemas import EvaluationRequest
@@ -132,7 +132,7 @@ def list_evaluations(
     try:
         items, token = store_of(request).list_evaluations(policy.id, page_size, page_token)
     except ValueError as exc:
-        raise validation_problem([{"loc": ["query", "page_token"], "msg": str(exc), "input": page_token}]) from exc
+        raise page_token_problem(exc, page_token) from exc
     return json_response({"items": [evaluation_resource(e) for e in items], "next_page_token": token})
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from api.auth import owner_filter, require
-from api.errors import Problem, validation_problem
+from api.errors import Problem, page_token_problem, validation_problem
 from api.routes import json_response, store_of
 from api.schemas import JobSpec
 from core.settings import Settings
@@ -376,7 +376,7 @@ def list_jobs(
             client=owner_filter(principal), status=status, env_id=env_id, page_size=page_size, page_token=page_token
         )
     except ValueError as exc:
-        raise validation_problem([{"loc": ["query", "page_token"], "msg": str(exc), "input": page_token}]) from exc
+        raise page_token_problem(exc, page_token) from exc
     return json_response({"items": [job_resource(j, full=False) for j in items], "next_page_token": token})
 
 

@@ -28,7 +28,7 @@ from api.act import (
     check_meta_sha256,
 )
 from api.auth import owner_filter, require
-from api.errors import Problem, json_safe, validation_problem
+from api.errors import Problem, json_safe, page_token_problem, validation_problem
 from api.routes import json_response, store_of
 from api.schemas import PromoteRequest
 from api.shield import ShieldSpecError
@@ -253,7 +253,7 @@ def list_policies(
             client=owner_filter(principal), env_id=env_id, job_id=job_id, page_size=page_size, page_token=page_token
         )
     except ValueError as exc:
-        raise validation_problem([{"loc": ["query", "page_token"], "msg": str(exc), "input": page_token}]) from exc
+        raise page_token_problem(exc, page_token) from exc
     state = request.app.state
     return json_response(
         {"items": [policy_resource(p, state.settings, state.policy_cache) for p in items], "next_page_token": token}
